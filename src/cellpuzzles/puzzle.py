@@ -41,14 +41,14 @@ def context_sentence(context: dict[str, str]) -> str:
     """The donor context as one sentence; unknown fields stay visible as 'unknown'."""
     get = lambda k: str(context.get(k) or "unknown")  # noqa: E731
     return (
-        f"The cells come from a {get('sex')} donor ({get('development_stage')}, "
-        f"{get('self_reported_ethnicity')}); tissue: {get('tissue')}; disease: {get('disease')}."
+        f"The cells come from one donor. Sex: {get('sex')}; development stage: {get('development_stage')}; "
+        f"self-reported ethnicity: {get('self_reported_ethnicity')}; tissue: {get('tissue')}; disease: {get('disease')}."
     )
 
 
 _CONTEXT_RE = re.compile(
-    r"^The cells come from a (?P<sex>.*) donor \((?P<development_stage>.*), "
-    r"(?P<self_reported_ethnicity>.*)\); tissue: (?P<tissue>.*); disease: (?P<disease>.*)\.$"
+    r"^The cells come from one donor\. Sex: (?P<sex>.*); development stage: (?P<development_stage>.*); "
+    r"self-reported ethnicity: (?P<self_reported_ethnicity>.*); tissue: (?P<tissue>.*); disease: (?P<disease>.*)\.$"
 )
 
 

@@ -126,7 +126,7 @@ def validate_cells(cells: Cells, out_dir: str | os.PathLike, gene_names=None) ->
         "donors": donor_table(obs) if {"donor_id", "cell_type"} <= set(obs.columns) else pd.DataFrame({"n_types": []}),
     }
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    docs_tmp = Path(tempfile.mkdtemp(prefix=".data_docs.", dir=out_dir))
+    docs_tmp = Path(tempfile.mkdtemp(prefix=".data_docs.", dir=out_dir)).resolve()
     try:
         ctx = gx.get_context(mode="ephemeral")
         ctx.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False)

@@ -1,0 +1,233 @@
+"""The ``cellpuzzles`` command line. Each command calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import CellPuzzlesError, ValidationFailed
+
+
+def _cells_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="obs column holding a CELLxGENE field, e.g. --map cell_type=bulk_labels (repeatable)")
+    p.add_argument("--top-k", type=int, default=50, help="genes listed per cell (default 50, as the reference)")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="drop genes matching this regex from the lists, e.g. '^MT-' (repeatable; off by default)")
+    p.add_argument("--chunk-size", type=int, default=10_000, help="cells per chunk when streaming the matrix")
+
+
+def _cells_options(a):
+    from .data.cells import CellsOptions
+    from .data.h5ad import parse_column_map
+
+    return CellsOptions(top_k=a.top_k, exclude=tuple(a.exclude), chunk_size=a.chunk_size,
+                        column_map=parse_column_map(a.map), progress=sys.stderr.isatty())
+
+
+def _puzzle_args(p: argparse.ArgumentParser) -> None:
+    from .data.sample import PuzzleOptions
+
+    d = PuzzleOptions()
+    p.add_argument("--n-min", type=int, default=d.n_min, help=f"smallest puzzle size N (default {d.n_min})")
+    p.add_argument("--n-max", type=int, default=d.n_max, help=f"largest puzzle size N (default {d.n_max}; sizes above the data's type count are skipped)")
+    p.add_argument("--train-per-n", type=int, default=d.train_per_n, help=f"train puzzles per N (default {d.train_per_n})")
+    p.add_argument("--test-per-n", type=int, default=d.test_per_n, help=f"test puzzles per N (default {d.test_per_n})")
+    p.add_argument("--split-by", choices=["cells", "donor"], default=d.split_by, help="hold out cells (default) or whole donors")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction, help=f"share of cells/donors held out (default {d.test_fraction})")
+    p.add_argument("--reasoning-fraction", type=float, default=d.reasoning_fraction,
+                   help="share of train puzzles moved to a reasoning (SFT) split (default 0: none)")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def _puzzle_options(a):
+    from .data.sample import PuzzleOptions
+
+    return PuzzleOptions(n_min=a.n_min, n_max=a.n_max, train_per_n=a.train_per_n, test_per_n=a.test_per_n,
+                         split_by=a.split_by, test_fraction=a.test_fraction,
+                         reasoning_fraction=a.reasoning_fraction, seed=a.seed)
+
+
+def cmd_prepare(a) -> int:
+    from .data.bundled import materialise
+
+    path = materialise(a.dir)
+    print(f"wrote {path} (scanpy pbmc68k_reduced, CELLxGENE-style columns); track it with `dvc add {a.dir}`")
+    return 0
+
+
+def cmd_validate(a) -> int:
+    from .data.cells import build_cells
+    from .data.validate import validate_cells
+
+    cells = build_cells(a.file, _cells_options(a))
+    report = validate_cells(cells, a.out)
+    print(report.table())
+    print(f"data docs: {report.docs_index}\nsummary:   {Path(a.out) / 'validation.json'}")
+    if not report.success:
+        raise ValidationFailed(f"{a.file}: {len(report.failed)} expectation(s) failed: " + "; ".join(report.failed))
+    return 0
+
+
+def cmd_cells(a) -> int:
+    from .data.cells import build_cells
+
+    cells = build_cells(a.file, _cells_options(a))
+    cells.to_parquet(a.out)
+    print(f"wrote {a.out}: {len(cells):,} cells, top {cells.meta['top_k']} genes from {cells.meta['matrix']}")
+    return 0
+
+
+def cmd_puzzles(a) -> int:
+    from .data.cells import load_cells
+    from .data.sample import make_splits, write_splits
+    from .data.validate import validate_cells
+
+    cells = load_cells(a.file, _cells_options(a))
+    out = Path(a.out)
+    if not a.no_validate and Path(a.file).suffix != ".parquet":
+        report = validate_cells(cells, out / "validation")
+        if not report.success:
+            print(report.table(), file=sys.stderr)
+            raise ValidationFailed(f"{a.file}: {len(report.failed)} expectation(s) failed: " + "; ".join(report.failed))
+    if a.cells_out:
+        cells.to_parquet(a.cells_out)
+    splits, summary = make_splits(cells, _puzzle_options(a))
+    write_splits(out, splits, summary)
+    _print_split_summary(summary, out)
+    return 0
+
+
+def _print_split_summary(summary: dict, out: Path) -> None:
+    ns = summary["n_values"]
+    print(f"{'split':<10}{'puzzles':>8}{'cells':>8}  " + " ".join(f"N={n:<4}" for n in ns))
+    for name, s in summary["splits"].items():
+        print(f"{name:<10}{s['puzzles']:>8}{s['cells']:>8}  " + " ".join(f"{s['by_n'].get(n, 0):<6}" for n in ns))
+    if summary["skipped_n"]:
+        print(f"skipped N (more types than any donor has): {summary['skipped_n']}")
+    donors = summary["splits"]["test"]["by_donor"]
+    print(f"donors in test: {len(donors)}; wrote {', '.join(str(out / f) for f in ['summary.json', *[s + '.jsonl' for s in summary['splits']]])}")
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluate import evaluate_solver, load_split_dir, read_predictions, score_predictions
+    from .puzzle import read_puzzles
+    from .reward import format_by_n, format_table
+
+    src = Path(a.puzzles)
+    if a.solver and a.predictions:
+        raise CellPuzzlesError("give either --predictions or --solver, not both")
+    if a.solver:
+        if src.is_dir():
+            train, test = load_split_dir(src)
+        else:
+            if not a.train:
+                raise CellPuzzlesError("--solver with a puzzle file needs --train TRAIN.jsonl (the solver learns from it)")
+            train, test = read_puzzles(a.train), read_puzzles(src)
+        names = a.solver
+        results = {n: evaluate_solver(n, train, test, a.out, seed=a.seed) for n in names}
+    elif a.predictions:
+        test = read_puzzles(src / "test.jsonl" if src.is_dir() else src)
+        results = {Path(a.predictions).stem: score_predictions(test, read_predictions(a.predictions), seed=a.seed)}
+    else:
+        raise CellPuzzlesError("nothing to evaluate: pass --predictions FILE or --solver markers|random")
+    print(format_table(results))
+    for name, r in results.items():
+        print(f"\n{name} by N:\n{format_by_n(r)}")
+        if r.get("missing"):
+            print(f"({r['missing']} puzzle(s) had no prediction and scored as ill-formed)")
+    if a.json:
+        print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def cmd_synth(a) -> int:
+    from .data.synth import synthesize
+
+    info = synthesize(a.out, cells=a.cells, genes=a.genes, donors=a.donors, types=a.types,
+                      seed=a.seed, density=a.density)
+    print(f"wrote {a.out}: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "path"))
+    return 0
+
+
+def cmd_run(a) -> int:
+    from .run import RunOptions, run
+
+    run(RunOptions(data=a.data, out=a.out, column_map=a.map, seed=a.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cellpuzzles", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the main job on the embedded default (or --data): prepare, validate, puzzles, baselines")
+    p.add_argument("--data", default=None, help="an .h5ad file (default: the bundled real PBMC data in data/)")
+    p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN")
+    p.add_argument("--out", default="runs/default", help="output folder (default runs/default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("prepare", help="materialise the bundled real dataset into data/ (no network)")
+    p.add_argument("--dir", default="data")
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("validate", help="run the data validation suite on an .h5ad; HTML data docs + JSON summary")
+    p.add_argument("file")
+    p.add_argument("--out", default="validation", help="folder for data docs and validation.json")
+    _cells_args(p)
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("cells", help="write the cells table (Parquet) from an .h5ad")
+    p.add_argument("file")
+    p.add_argument("--out", required=True, help="output .parquet path")
+    _cells_args(p)
+    p.set_defaults(fn=cmd_cells)
+
+    p = sub.add_parser("puzzles", help="sample CellPuzzles train/test(/reasoning) splits from an .h5ad or cells table")
+    p.add_argument("file", help=".h5ad file or cells .parquet")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cells-out", default=None, help="also write the cells table to this .parquet")
+    p.add_argument("--no-validate", action="store_true", help="skip the validation suite")
+    _cells_args(p)
+    _puzzle_args(p)
+    p.set_defaults(fn=cmd_puzzles)
+
+    p = sub.add_parser("evaluate", help="score predictions, or a baseline solver, on a test split")
+    p.add_argument("--puzzles", required=True, help="test .jsonl, or a `cellpuzzles puzzles` output folder")
+    p.add_argument("--predictions", default=None, help="JSONL lines {puzzle_id, completion}")
+    p.add_argument("--solver", action="append", choices=["markers", "random"], default=None, help="baseline solver (repeatable)")
+    p.add_argument("--train", default=None, help="train .jsonl for --solver when --puzzles is a file")
+    p.add_argument("--out", default=None, help="folder for predictions and metrics")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="also print the full metrics as JSON")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("synth", help="write a synthetic CELLxGENE-schema .h5ad (donors, context, markers, sparsity)")
+    p.add_argument("--cells", type=int, default=5000)
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--donors", type=int, default=4)
+    p.add_argument("--types", type=int, default=10)
+    p.add_argument("--density", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_synth)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except CellPuzzlesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
