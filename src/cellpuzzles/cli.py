@@ -53,8 +53,18 @@ def _puzzle_options(a):
 def cmd_prepare(a) -> int:
     from .data.bundled import materialise
 
+    from .data.versioning import sync_cache
+
     path = materialise(a.dir)
-    print(f"wrote {path} (scanpy pbmc68k_reduced, CELLxGENE-style columns); track it with `dvc add {a.dir}`")
+    print(f"wrote {path} (scanpy pbmc68k_reduced, CELLxGENE-style columns)")
+    state = sync_cache(".", Path(a.dir).name) if Path(a.dir).resolve().parent == Path.cwd().resolve() else "untracked"
+    if state == "matches":
+        print(f"{a.dir}/ matches {Path(a.dir).name}.dvc; cached locally (`dvc status` is clean)")
+    elif state == "differs":
+        print(f"warning: {a.dir}/ differs from {Path(a.dir).name}.dvc (other package versions?); "
+              f"`dvc add {a.dir}` records this version", file=sys.stderr)
+    else:
+        print(f"not under DVC here; track it with `dvc add {a.dir}`")
     return 0
 
 

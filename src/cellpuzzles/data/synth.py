@@ -151,9 +151,9 @@ def _make_genes(rng: np.random.Generator, genes: int, type_table):
 
     # base expression: heavy-tailed, with ribosomal/housekeeping high and MT moderate
     base = rng.lognormal(0.0, 1.5, genes)
-    base[rp_idx] *= rng.uniform(15, 40, n_rp)
-    base[hk_idx] *= rng.uniform(20, 60, n_hk)
-    base[mt_idx] *= rng.uniform(3, 10, n_mt)
+    base[rp_idx] *= rng.uniform(60, 200, n_rp)
+    base[hk_idx] *= rng.uniform(100, 300, n_hk)
+    base[mt_idx] *= rng.uniform(5, 20, n_mt)
     markers_all = np.unique(marker_idx)
     base[markers_all] *= 0.2  # markers are low outside their type
     floor = base.mean() * 0.05  # no gene is vanishingly rare, so any density is reachable
@@ -161,7 +161,8 @@ def _make_genes(rng: np.random.Generator, genes: int, type_table):
 
     type_prof = np.tile(base, (n_types, 1))
     for t in range(n_types):
-        boost = rng.lognormal(math.log(40.0), 0.5, per_type)
+        # strongest boosts go to the first markers, which carry the real symbols
+        boost = np.sort(rng.lognormal(math.log(60.0), 0.6, per_type))[::-1]
         type_prof[t, marker_idx[t]] *= boost
     type_prof /= type_prof.sum(axis=1, keepdims=True)
 
