@@ -74,7 +74,10 @@ def run(opt: RunOptions) -> dict:
     if opt.data is None:
         data_file = Path("data") / FILE_NAME
         if not data_file.is_file():
+            from .data.versioning import sync_cache
+
             materialise("data")
+            sync_cache(".", "data")
     else:
         data_file = Path(opt.data)
 

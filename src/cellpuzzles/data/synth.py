@@ -410,7 +410,9 @@ def synthesize(
     bar (default: only when stderr is a terminal).
 
     Returns ``{"path", "cells", "genes", "donors", "types", "nnz", "density"}`` where
-    donors/types count those present in the file.
+    donors/types count those present in the file and density is the achieved one.
+    ``uns["synthetic"]["markers"]`` records each type's marker genes (ground truth).
+    Bad arguments raise :class:`CellPuzzlesError`.
     """
     _validate(cells, genes, donors, types, density, chunk_size)
     cells, genes, donors, types, seed = int(cells), int(genes), int(donors), int(types), int(seed)
@@ -419,7 +421,7 @@ def synthesize(
 
     rng = np.random.default_rng([seed, 0])
     type_table = _type_table(types)
-    symbols, base, type_prof, mt_prof, _ = _make_genes(rng, genes, type_table)
+    symbols, base, type_prof, mt_prof, marker_idx = _make_genes(rng, genes, type_table)
     n_batches = max(1, math.ceil(donors / 2))
     obs, cell_donor, cell_type = _make_obs(rng, cells, donors, type_table, n_batches)
 
@@ -441,7 +443,9 @@ def synthesize(
         "organism": "Homo sapiens",
         "organism_ontology_term_id": "NCBITaxon:9606",
         "synthetic": {"seed": seed, "cells": cells, "genes": genes, "donors": donors,
-                      "types": types, "density": density},
+                      "types": types, "density": density,
+                      # ground truth: each type's boosted genes (feature_name), strongest first
+                      "markers": {name: symbols[marker_idx[t]].astype(str) for t, (name, _, _) in enumerate(type_table)}},
     }
 
     model = _Model(type_prof, donor_prof, mt_prof, mean_lib, donor_depth,

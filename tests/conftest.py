@@ -1,0 +1,50 @@
+"""Shared fixtures: small real .h5ad files written with anndata."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+TYPES = ["B cell", "T cell", "NK cell", "monocyte", "dendritic cell"]
+
+
+def make_adata(n_per_type: int = 8, donors=("d1", "d2"), n_genes: int = 60, seed: int = 0, types=TYPES) -> ad.AnnData:
+    """Counts with marker structure: type t expresses genes [10t, 10t+10) highly."""
+    rng = np.random.default_rng(seed)
+    rows, obs = [], []
+    for d in donors:
+        for ti, t in enumerate(types):
+            for k in range(n_per_type):
+                lam = np.full(n_genes, 0.3)
+                lam[(10 * ti) % n_genes:(10 * ti) % n_genes + 10] = 6.0
+                rows.append(rng.poisson(lam))
+                obs.append({"donor_id": d, "cell_type": t, "tissue": "blood", "disease": "normal",
+                            "sex": "female" if d == "d1" else "male", "development_stage": "40-year-old stage",
+                            "self_reported_ethnicity": "unknown"})
+    obs = pd.DataFrame(obs, index=[f"c{i}" for i in range(len(obs))])
+    var = pd.DataFrame(index=[f"ENSG{i:05d}" for i in range(n_genes)])
+    var["feature_name"] = [f"GENE{i:03d}" for i in range(n_genes)]
+    return ad.AnnData(X=sp.csr_matrix(np.asarray(rows, dtype=np.float32)), obs=obs, var=var)
+
+
+@pytest.fixture
+def h5ad_file(tmp_path) -> Path:
+    path = tmp_path / "cells.h5ad"
+    make_adata().write_h5ad(path)
+    return path
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "cellpuzzles.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)

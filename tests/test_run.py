@@ -1,0 +1,86 @@
+"""The main job and the data commands, end to end through the real CLI on the bundled data."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    r = run_cli("run", "--out", "out", cwd=work)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return work, r
+
+
+def test_run_writes_everything_and_baselines_are_ordered(default_run):
+    work, r = default_run
+    out = work / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["validation"]["success"]
+    assert (out / "validation" / "data_docs" / "index.html").is_file()
+    assert (out / "cells.parquet").is_file()
+    assert summary["puzzles"]["train"] > 0 and summary["puzzles"]["test"] > 0
+    rnd, mk = summary["models"]["random"]["free"], summary["models"]["markers"]["free"]
+    for m in (rnd, mk):
+        assert set(m) >= {"cell_accuracy", "batch_accuracy", "format_ratio", "uniqueness", "n",
+                          "batch_accuracy_ci", "cell_accuracy_ci"}
+        assert m["format_ratio"] == 1.0 and m["uniqueness"] == 1.0
+    # the marker solver is far above chance: its interval clears random's
+    assert mk["batch_accuracy_ci"][0] > rnd["batch_accuracy_ci"][1]
+    assert summary["data"]["md5"] and (work / "data" / "pbmc68k_reduced.h5ad").is_file()
+    assert str(out) in r.stdout or "out/" in r.stdout
+
+
+def test_evaluate_cli_scores_saved_predictions(default_run):
+    work, _ = default_run
+    preds = work / "out" / "eval" / "predictions_markers.jsonl"
+    r = run_cli("evaluate", "--puzzles", "out/puzzles/test.jsonl", "--predictions", preds, "--json", cwd=work)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((work / "out" / "eval" / "metrics_markers.json").read_text())
+    assert f"{saved['batch_accuracy']:.3f}" in r.stdout
+    r = run_cli("evaluate", "--puzzles", "out/puzzles", "--solver", "random", "--solver", "markers", cwd=work)
+    assert r.returncode == 0 and "markers" in r.stdout and "random" in r.stdout and "by N" in r.stdout
+
+
+def test_validate_and_puzzles_cli_with_column_map(default_run, tmp_path):
+    import anndata as ad
+
+    work, _ = default_run
+    a = ad.read_h5ad(work / "data" / "pbmc68k_reduced.h5ad")
+    a.obs = a.obs.rename(columns={"cell_type": "bulk_labels", "donor_id": "donor"})
+    a.write_h5ad(tmp_path / "renamed.h5ad")
+    m = ["--map", "cell_type=bulk_labels", "--map", "donor_id=donor"]
+    r = run_cli("validate", tmp_path / "renamed.h5ad", "--out", tmp_path / "v", *m)
+    assert r.returncode == 0, r.stderr
+    assert "24/24 passed" in r.stdout
+    r = run_cli("puzzles", tmp_path / "renamed.h5ad", "--out", tmp_path / "p", "--n-max", "6",
+                "--train-per-n", "20", "--test-per-n", "5", "--reasoning-fraction", "0.25", *m)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert set(s["splits"]) == {"train", "test", "reasoning"}
+    assert s["splits"]["test"]["by_n"] == {str(n): 5 for n in range(3, 7)}
+
+
+def test_committed_data_dvc_matches_a_fresh_materialisation(tmp_path):
+    """On a fresh checkout, `cellpuzzles prepare` reproduces the bytes data.dvc records."""
+    for name in ("data.dvc", ".dvcignore"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    r = run_cli("prepare", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "matches data.dvc" in r.stdout
+    st = subprocess.run(["dvc", "status"], cwd=tmp_path, capture_output=True, text=True)
+    assert "up to date" in st.stdout, st.stdout + st.stderr
+    # a changed input is noticed, not silently re-cached
+    (tmp_path / "data" / "extra.txt").write_text("x")
+    r = run_cli("prepare", cwd=tmp_path)
+    assert "differs" in r.stderr
