@@ -100,11 +100,11 @@ def cmd_puzzles(a) -> int:
     if not a.no_validate and Path(a.file).suffix != ".parquet":
         report = validate_cells(cells, out / "validation")
         if not report.success:
-            print(report.table(), file=sys.stderr)
+            print(report.table())  # stdout: stderr carries only the one-line error
             raise ValidationFailed(f"{a.file}: {len(report.failed)} expectation(s) failed: " + "; ".join(report.failed))
+    splits, summary = make_splits(cells, _puzzle_options(a))
     if a.cells_out:
         cells.to_parquet(a.cells_out)
-    splits, summary = make_splits(cells, _puzzle_options(a))
     write_splits(out, splits, summary)
     _print_split_summary(summary, out)
     return 0

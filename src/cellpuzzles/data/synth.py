@@ -361,17 +361,6 @@ class _Model:
         return sp.csr_matrix((data, indices, indptr), shape=(n, G))
 
 
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
 def _stack(blocks: list[sp.csr_matrix], index_dtype) -> sp.csr_matrix:
     if len(blocks) == 1:
         m = blocks[0]
@@ -483,7 +472,6 @@ def synthesize(
                     del m
             finally:
                 bar.close()
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
     return {
         "path": str(out),
         "cells": cells,
