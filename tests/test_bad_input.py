@@ -186,7 +186,7 @@ CASES = [
     ("map_unknown_field", ["puzzles", "{d}/good.h5ad", "--out", "{d}/o_map_field", "--map", "colour=x", *PZ], 2,
      ["--map", "colour=x", "unknown field 'colour'"], "o_map_field"),
     ("map_malformed", ["cells", "{d}/good.h5ad", "--out", "{d}/o_map_eq/cells.parquet", "--map", "cell_type"], 2,
-     ["--map", "cell_type", "FIELD=COLUMN"], "o_map_eq"),
+     ["--map", "cell_type", "=COLUMN"], "o_map_eq"),
     ("validate_missing_file", ["validate", "{d}/missing.h5ad", "--out", "{d}/o_missing"], 2,
      ["missing.h5ad", "not found"], "o_missing"),
     ("run_not_hdf5", ["run", "--data", "{d}/notes.h5ad", "--out", "{d}/o_run_not_hdf5"], 2,
