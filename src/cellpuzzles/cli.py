@@ -95,8 +95,9 @@ def cmd_puzzles(a) -> int:
     from .data.sample import make_splits, write_splits
     from .data.validate import validate_cells
 
-    cells = load_cells(a.file, _cells_options(a))
     out = Path(a.out)
+    (out / "summary.json").unlink(missing_ok=True)  # the completion marker: gone until this run succeeds
+    cells = load_cells(a.file, _cells_options(a))
     if not a.no_validate and Path(a.file).suffix != ".parquet":
         report = validate_cells(cells, out / "validation")
         if not report.success:

@@ -33,7 +33,7 @@ def parse_column_map(items: Sequence[str] | None) -> dict[str, str]:
         key, sep, col = item.partition("=")
         key, col = key.strip(), col.strip()
         if not sep or not key or not col:
-            raise CellPuzzlesError(f"--map {item!r}: expected CANONICAL=COLUMN, e.g. --map cell_type=bulk_labels")
+            raise CellPuzzlesError(f"--map {item!r}: expected FIELD=COLUMN, e.g. --map cell_type=bulk_labels")
         if key not in CANONICAL:
             raise CellPuzzlesError(f"--map {item!r}: unknown field '{key}'; mappable fields: {', '.join(CANONICAL)}")
         out[key] = col
