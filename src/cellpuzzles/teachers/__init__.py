@@ -1,0 +1,2 @@
+"""Teachers write reasoning traces for puzzles: an OpenAI-compatible endpoint, or the
+built-in marker-gene teacher."""

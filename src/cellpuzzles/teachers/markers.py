@@ -1,0 +1,62 @@
+"""The built-in teacher: reasoning traces from the marker-gene solver.
+
+For each cell the trace cites the cell's genes that most favour its assigned type over the
+other candidates, then the type; when the one-type-per-cell rule moved a cell off its
+best-scoring candidate, it says which cell took that candidate. The answer is the
+solver's one-to-one assignment. Traces obey the format rule exactly.
+
+    <think>Cell 1: CD79A, MS4A1 -> B cell
+    Cell 2: GZMB, NKG7 -> NK cell; T cell taken by Cell 3
+    ...</think>
+    <answer>B cell | NK cell | ...</answer>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..assign import assign
+from ..puzzle import Puzzle, format_completion
+from ..solvers import MarkerSolver
+from .base import Reply
+
+
+class MarkersTeacher:
+    name = "markers"
+
+    def __init__(self, train: Sequence[Puzzle], evidence_genes: int = 2):
+        self.solver = MarkerSolver().fit(train)
+        self.evidence_genes = evidence_genes
+
+    def trace(self, puzzle: Puzzle) -> str:
+        s = self.solver
+        scores = s.scores(puzzle)
+        choice = assign(scores)
+        labels = [puzzle.candidates[j] for j in choice]
+        owner = {j: i for i, j in enumerate(choice)}
+        cand = [s.types.index(c.strip().lower()) if c.strip().lower() in s.types else -1 for c in puzzle.candidates]
+        lines = []
+        for i, genes in enumerate(puzzle.genes):
+            t = cand[choice[i]]
+            known = [(r, g) for r, g in enumerate(genes) if g in s.genes]
+            cited: list[str] = []
+            if t >= 0 and known:
+                cols = np.array([s.genes[g] for _, g in known])
+                w = np.exp(-s.rank_decay * np.array([r for r, _ in known]))
+                contrib = (s.log_p[:, cols] - s.log_q[:, cols]) * w  # types x genes
+                others = [c for c in cand if c >= 0 and c != t]
+                rel = contrib[t] - (contrib[others].max(0) if others else 0.0)
+                order = np.argsort(-rel, kind="stable")[: self.evidence_genes]
+                cited = [known[k][1] for k in order if rel[k] > 0]
+            line = f"Cell {i + 1}: {', '.join(cited) if cited else 'no clear markers'} -> {labels[i]}"
+            best = int(np.argmax(scores[i]))
+            if best != choice[i]:
+                line += f"; {puzzle.candidates[best]} taken by Cell {owner[best] + 1}"
+            lines.append(line)
+        return format_completion("\n".join(lines), labels)
+
+    def complete_many(self, items: Sequence[tuple[Puzzle, int]]) -> list[Reply]:
+        # deterministic: every attempt gives the same trace
+        return [Reply(puzzle_id=p.puzzle_id, attempt=a, text=self.trace(p)) for p, a in items]

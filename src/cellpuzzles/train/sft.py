@@ -1,0 +1,128 @@
+"""Supervised fine-tuning on distilled traces with TRL's SFTTrainer.
+
+Records become prompt-completion conversations (system + user -> assistant trace), so
+the loss covers the completion only, whatever the model's chat template. LoRA (PEFT) is
+the default for a Hugging Face model, full training for the tiny one. On GPUs: bf16, and a
+DeepSpeed ZeRO config shipped in ``cellpuzzles/train/deepspeed/`` via ``deepspeed``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CellPuzzlesError
+from ..puzzle import Puzzle
+from .model import PromptOptions, load_model, lora, save
+
+DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
+
+
+@dataclass
+class SFTOptions:
+    max_steps: int = 300
+    learning_rate: float = 3e-3
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    use_lora: bool | None = None  # None: LoRA for Hugging Face models, full for tiny
+    lora_r: int = 16
+    eval_fraction: float = 0.05
+    eval_steps: int = 100
+    save_steps: int = 100
+    logging_steps: int = 10
+    resume: bool = True  # continue from the newest checkpoint in the output folder
+    deepspeed: str | None = None  # "zero2", "zero3" or a JSON path
+    bf16: bool | None = None  # None: on when CUDA has bf16
+    seed: int = 0
+
+
+def conversations(pairs: list[tuple[Puzzle, str]], prompt: PromptOptions) -> list[dict]:
+    rows = []
+    for p, trace in pairs:
+        shown = prompt.apply(p)
+        rows.append({"prompt": shown.messages(), "completion": [{"role": "assistant", "content": trace}]})
+    return rows
+
+
+def deepspeed_config(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if name in ("zero2", "zero3"):
+        return str(DEEPSPEED_DIR / f"{name}.json")
+    if not Path(name).is_file():
+        raise CellPuzzlesError(f"--deepspeed {name}: not 'zero2', 'zero3' or a JSON file")
+    return name
+
+
+def sft(pairs: list[tuple[Puzzle, str]], model_path: str | os.PathLike, out: str | os.PathLike,
+        opt: SFTOptions | None = None, callbacks=()) -> Path:
+    """Train on (puzzle, trace) pairs starting from ``model_path``; write the model folder
+    ``out`` (checkpoints under ``out``.ckpt, resumable). Returns ``out``."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    opt = opt or SFTOptions()
+    model, tok, prompt = load_model(model_path)
+    is_tiny = model.num_parameters() < 20_000_000
+    use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora
+    if use_lora:
+        model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r)
+    rows = conversations(pairs, prompt)
+    ds = Dataset.from_list(rows).shuffle(seed=opt.seed)
+    n_eval = int(len(ds) * opt.eval_fraction) if len(ds) >= 40 else 0
+    split = ds.train_test_split(test_size=n_eval, seed=opt.seed) if n_eval else {"train": ds, "test": None}
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() if opt.bf16 is None else opt.bf16
+    ckpt = Path(f"{out}.ckpt")
+    cfg = SFTConfig(
+        output_dir=str(ckpt),
+        max_steps=opt.max_steps,
+        learning_rate=opt.learning_rate,
+        per_device_train_batch_size=opt.batch_size,
+        per_device_eval_batch_size=opt.batch_size,
+        gradient_accumulation_steps=opt.grad_accum,
+        warmup_steps=max(1, int(opt.warmup_ratio * opt.max_steps)),
+        lr_scheduler_type=opt.lr_scheduler,
+        weight_decay=opt.weight_decay,
+        logging_steps=opt.logging_steps,
+        eval_strategy="steps" if n_eval else "no",
+        eval_steps=opt.eval_steps,
+        save_strategy="steps",
+        save_steps=opt.save_steps,
+        save_total_limit=2,
+        bf16=bf16,
+        max_length=None,
+        report_to=[],
+        seed=opt.seed,
+        data_seed=opt.seed,
+        deepspeed=deepspeed_config(opt.deepspeed),
+        disable_tqdm=not os.isatty(2),
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=split["train"], eval_dataset=split["test"],
+                         processing_class=tok, callbacks=list(callbacks))
+    resume = _latest_checkpoint(ckpt) if opt.resume else None
+    trainer.train(resume_from_checkpoint=resume)
+    final = trainer.model
+    if use_lora:
+        final = final.merge_and_unload()
+    return save(final, tok, out, prompt)
+
+
+def _latest_checkpoint(ckpt: Path) -> str | None:
+    """Newest complete checkpoint; a corrupt one is a clear error, not a silent restart."""
+    if not ckpt.is_dir():
+        return None
+    cands = sorted((p for p in ckpt.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    if not cands:
+        return None
+    last = cands[-1]
+    if not (last / "trainer_state.json").is_file() or not any(last.glob("*.safetensors")) and not any(last.glob("*.bin")):
+        raise CellPuzzlesError(f"{last}: checkpoint is incomplete or corrupt; delete it to resume from the previous one")
+    return str(last)
