@@ -128,6 +128,18 @@ def cmd_evaluate(a) -> int:
     from .reward import format_by_n, format_table
 
     src = Path(a.puzzles)
+    if a.model:
+        from .decode import DecodeOptions
+        from .evaluate import evaluate_model
+
+        test = read_puzzles(src / "test.jsonl" if src.is_dir() else src)
+        dec = DecodeOptions(do_sample=a.do_sample, temperature=a.temperature, max_new_tokens=a.max_new_tokens, seed=a.seed)
+        res = evaluate_model(a.model, test, a.out, modes=a.mode or ["free", "constrained"], decode=dec,
+                             name=Path(a.model).name, seed=a.seed)
+        print(format_table(res))
+        for mode, r in res.items():
+            print(f"\n{mode} by N:\n{format_by_n(r)}")
+        return 0
     if a.solver and a.predictions:
         raise CellPuzzlesError("give either --predictions or --solver, not both")
     if a.solver:
@@ -151,6 +163,84 @@ def cmd_evaluate(a) -> int:
             print(f"({r['missing']} puzzle(s) had no prediction and scored as ill-formed)")
     if a.json:
         print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def _tracked(name: str, out: str, params: dict):
+    """An MLflow run for a single step command (store: MLFLOW_TRACKING_URI or OUT/../mlflow.db)."""
+    import mlflow
+
+    from .tracking import connect, flat_params
+
+    connect(Path(out).resolve().parent)
+    run = mlflow.start_run(run_name=name)
+    mlflow.log_params(flat_params(params))
+    return run
+
+
+def _teacher(a, train_puzzles):
+    if a.teacher == "markers":
+        from .teachers.markers import MarkersTeacher
+
+        if not train_puzzles:
+            raise CellPuzzlesError("--teacher markers needs --train TRAIN.jsonl (it learns marker evidence from it)")
+        return MarkersTeacher(train_puzzles)
+    from .teachers.openai_teacher import OpenAITeacher, OpenAITeacherConfig
+
+    if not a.base_url or not a.teacher_model:
+        raise CellPuzzlesError("--teacher openai needs --base-url URL and --teacher-model NAME")
+    return OpenAITeacher(OpenAITeacherConfig(
+        base_url=a.base_url, model=a.teacher_model, api_key_env=a.api_key_env, concurrency=a.concurrency,
+        timeout_s=a.timeout, cache_dir=Path(a.cache_dir)))
+
+
+def cmd_distill(a) -> int:
+    from .distill import DistillOptions, distill
+    from .puzzle import read_puzzles
+
+    puzzles = read_puzzles(a.puzzles)
+    train = read_puzzles(a.train) if a.train else []
+    stats = distill(puzzles, _teacher(a, train), DistillOptions(attempts=a.attempts, threshold=a.threshold), a.out)
+    print(f"kept {stats['accepted']}/{stats['puzzles']} traces (acceptance {stats['acceptance_rate']:.3f}; "
+          f"{stats['calls']} calls, {stats['cached']} cached, {stats['prompt_tokens'] + stats['completion_tokens']} tokens) -> {a.out}")
+    return 0
+
+
+def cmd_sft(a) -> int:
+    from .distill import read_traces
+    from .train.model import PromptOptions, TinyConfig, build_tiny
+    from .train.sft import SFTOptions, sft
+
+    pairs = read_traces(a.traces)
+    model = a.model
+    if model == "tiny":
+        model = str(Path(a.out).parent / f"{Path(a.out).name}-init")
+        build_tiny([p for p, _ in pairs], [t for _, t in pairs], model, TinyConfig(seed=a.seed),
+                   PromptOptions(genes_per_cell=a.genes_per_cell))
+    opt = SFTOptions(max_steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                     use_lora=a.lora, deepspeed=a.deepspeed, seed=a.seed, resume=not a.restart)
+    with _tracked("sft", a.out, {"model": a.model, "traces": a.traces, **vars(opt)}):
+        from .train.callbacks import MetricsLogger
+
+        path = sft(pairs, model, a.out, opt, callbacks=[MetricsLogger("sft")])
+    print(f"wrote model folder {path}")
+    return 0
+
+
+def cmd_rl(a) -> int:
+    from .puzzle import read_puzzles
+    from .train.callbacks import MetricsLogger
+    from .train.rl_common import RLOptions
+    from .train.rl import train_rl
+
+    train = read_puzzles(a.puzzles)
+    val = read_puzzles(a.val) if a.val else train[-32:]
+    opt = RLOptions(algo=a.algo, max_steps=a.steps, learning_rate=a.lr, prompts_per_step=a.prompts_per_step,
+                    num_generations=a.num_generations, beta=a.beta, rollout=a.rollout, use_lora=a.lora,
+                    seed=a.seed, resume=not a.restart)
+    with _tracked(f"rl-{a.algo}", a.out, {"model": a.model, "puzzles": a.puzzles, **vars(opt)}):
+        path = train_rl(train, val, a.model, a.out, opt, MetricsLogger(f"rl_{a.algo}"))
+    print(f"wrote model folder {path}")
     return 0
 
 
@@ -214,7 +304,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for predictions and metrics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the full metrics as JSON")
+    p.add_argument("--model", default=None, help="a model folder to decode with (free and constrained)")
+    p.add_argument("--mode", action="append", choices=["free", "constrained"], default=None)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=None)
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("distill", help="reasoning traces from a teacher, kept when the reward reaches --threshold")
+    p.add_argument("--puzzles", required=True, help="puzzles to distill (e.g. reasoning.jsonl)")
+    p.add_argument("--out", required=True, help="output traces .jsonl")
+    p.add_argument("--teacher", choices=["markers", "openai"], default="markers")
+    p.add_argument("--train", default=None, help="train puzzles the markers teacher learns from")
+    p.add_argument("--attempts", type=int, default=1, help="tries per puzzle (rejection sampling)")
+    p.add_argument("--threshold", type=float, default=1.0, help="keep traces whose reward is at least this")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://host:8000/v1")
+    p.add_argument("--teacher-model", default=None, help="model name at that endpoint")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--cache-dir", default="work/teacher_cache", help="resumable cache of teacher answers")
+    p.set_defaults(fn=cmd_distill)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on distilled traces (TRL)")
+    p.add_argument("--traces", required=True)
+    p.add_argument("--model", default="tiny", help="'tiny' (built from the traces) or a Hugging Face model folder")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="LoRA (default: on for HF models)")
+    p.add_argument("--deepspeed", default=None, help="zero2, zero3 or a DeepSpeed JSON (GPUs)")
+    p.add_argument("--genes-per-cell", type=int, default=15, help="genes shown per cell to a tiny model")
+    p.add_argument("--restart", action="store_true", help="ignore checkpoints in OUT.ckpt")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_sft)
+
+    p = sub.add_parser("rl", help="reinforcement learning with the batch-level reward (PPO or GRPO)")
+    p.add_argument("--algo", choices=["grpo", "ppo"], default="grpo")
+    p.add_argument("--puzzles", required=True, help="RL puzzles (train.jsonl)")
+    p.add_argument("--val", default=None, help="validation puzzles for batch accuracy at eval steps")
+    p.add_argument("--model", required=True, help="the SFT model folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--num-generations", type=int, default=4)
+    p.add_argument("--beta", type=float, default=0.001, help="KL coefficient to the reference policy")
+    p.add_argument("--rollout", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--restart", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_rl)
 
     p = sub.add_parser("synth", help="write a synthetic CELLxGENE-schema .h5ad (donors, context, markers, sparsity)")
     p.add_argument("--cells", type=int, default=5000)

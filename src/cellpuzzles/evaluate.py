@@ -83,3 +83,41 @@ def load_split_dir(path: str | os.PathLike) -> tuple[list[Puzzle], list[Puzzle]]
     if (d / "reasoning.jsonl").is_file():
         train += read_puzzles(d / "reasoning.jsonl")
     return train, read_puzzles(d / "test.jsonl")
+
+
+def evaluate_model(
+    model_path: str | os.PathLike,
+    test: Sequence[Puzzle],
+    out_dir: str | os.PathLike | None = None,
+    modes: Sequence[str] = ("free", "constrained"),
+    decode=None,
+    name: str = "model",
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Free and/or constrained decoding of a model folder on test puzzles, scored.
+
+    Writes ``predictions_<name>_<mode>.jsonl`` and ``metrics_<name>_<mode>.json``."""
+    from tqdm.auto import tqdm
+
+    from .decode import DecodeOptions, constrained, generate
+    from .train.model import load_model
+
+    model, tok, prompt = load_model(model_path)
+    shown = [prompt.apply(p) for p in test]
+    bar = tqdm(total=len(shown), desc=f"decode {name}", leave=False, disable=not os.isatty(2))
+    free = generate(model, tok, shown, decode or DecodeOptions(seed=seed), progress=bar.update)
+    bar.close()
+    results: dict[str, dict] = {}
+    for mode in modes:
+        if mode == "free":
+            completions = free
+        elif mode == "constrained":
+            completions = [constrained(model, tok, p, c)[0] for p, c in zip(shown, free)]
+        else:
+            raise CellPuzzlesError(f"unknown decoding mode {mode!r}; use free or constrained")
+        results[mode] = score(completions, [p.answer_text for p in test], seed=seed)
+        if out_dir is not None:
+            out = Path(out_dir)
+            write_predictions(out / f"predictions_{name}_{mode}.jsonl", test, completions)
+            atomic.write_json(out / f"metrics_{name}_{mode}.json", results[mode])
+    return results

@@ -34,6 +34,7 @@ class SFTOptions:
     eval_steps: int = 100
     save_steps: int = 100
     logging_steps: int = 10
+    group_by_length: bool = True  # batches of similar length: ~2x fewer padded tokens
     resume: bool = True  # continue from the newest checkpoint in the output folder
     deepspeed: str | None = None  # "zero2", "zero3" or a JSON path
     bf16: bool | None = None  # None: on when CUDA has bf16
@@ -102,6 +103,7 @@ def sft(pairs: list[tuple[Puzzle, str]], model_path: str | os.PathLike, out: str
         deepspeed=deepspeed_config(opt.deepspeed),
         disable_tqdm=not os.isatty(2),
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if opt.group_by_length else "random",
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=split["train"], eval_dataset=split["test"],

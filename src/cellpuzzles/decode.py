@@ -1,0 +1,130 @@
+"""Decoding a model's answers to puzzles: free and constrained.
+
+free         the model's own text (greedy by default, sampling optional), scored as is.
+constrained  after the model's own <think> part, every (cell, candidate) pair is scored by
+             the log-likelihood of that candidate at that cell's answer slot (the prefix
+             holds the slots before it, filled greedily among unused candidates); the
+             cells x candidates matrix is assigned one-to-one (Hungarian), so the answer
+             is always a valid permutation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .assign import assign
+from .puzzle import ANSWER_SEP, Puzzle, format_completion
+
+
+@dataclass
+class DecodeOptions:
+    max_new_tokens: int | None = None  # None: 64 + 32 per cell
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 32
+    seed: int = 0
+
+
+def prompt_text(tok, puzzle: Puzzle) -> str:
+    return tok.apply_chat_template(puzzle.messages(), tokenize=False, add_generation_prompt=True)
+
+
+def generate(model, tok, puzzles: Sequence[Puzzle], opt: DecodeOptions | None = None, progress=None) -> list[str]:
+    """Completions for puzzles (already in the model's prompt form), in order."""
+    import torch
+
+    opt = opt or DecodeOptions()
+    model.eval()
+    order = sorted(range(len(puzzles)), key=lambda i: (puzzles[i].n, len(puzzles[i].user_msg)))
+    out: list[str] = [""] * len(puzzles)
+    torch.manual_seed(opt.seed)
+    for start in range(0, len(order), opt.batch_size):
+        idx = order[start:start + opt.batch_size]
+        texts = [prompt_text(tok, puzzles[i]) for i in idx]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        budget = opt.max_new_tokens or 64 + 32 * max(puzzles[i].n for i in idx)
+        kw = dict(do_sample=True, temperature=opt.temperature, top_p=opt.top_p) if opt.do_sample else dict(do_sample=False)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=budget, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, **kw)
+        new = gen[:, enc["input_ids"].shape[1]:]
+        for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+            out[i] = text
+        if progress:
+            progress(len(idx))
+    return out
+
+
+def think_part(completion: str) -> str:
+    """The model's reasoning as a well-formed ``<think>…</think>`` block."""
+    if "</think>" in completion:
+        body = completion.split("</think>", 1)[0]
+    else:
+        body = completion.split("<answer>", 1)[0]
+    body = body.split("<think>", 1)[1] if "<think>" in body else body
+    return body.replace("<think>", "").replace("<answer>", "").replace("</answer>", "")
+
+
+def slot_scores(model, tok, prefix: str, candidates: Sequence[str]) -> np.ndarray:
+    """log p(candidate text | prefix) for each candidate; the prefix runs once, its KV cache
+    is shared by all candidates."""
+    import torch
+
+    p_ids = tok(prefix, add_special_tokens=False)["input_ids"]
+    full = [tok(prefix + c, add_special_tokens=False)["input_ids"] for c in candidates]
+    # tokens can merge across the boundary: share only the prefix every candidate keeps
+    common = min(_common_len(p_ids, f) for f in full)
+    common = max(1, min(common, len(p_ids)))
+    head = torch.tensor([full[0][:common]], device=model.device)
+    with torch.no_grad():
+        out = model(input_ids=head, use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)
+        tails = [f[common:] for f in full]
+        width = max(len(t) for t in tails)
+        if width == 0:
+            return np.zeros(len(candidates))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=model.device)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(candidates))
+        mask = torch.ones((len(candidates), common + width), dtype=torch.long, device=model.device)
+        logits = model(input_ids=ids, past_key_values=cache, attention_mask=mask, use_cache=True).logits.float()
+        logp = torch.log_softmax(logits, -1)
+    scores = np.zeros(len(candidates))
+    for j, t in enumerate(tails):
+        if not t:
+            continue
+        s = first[t[0]].item()
+        for k in range(1, len(t)):
+            s += logp[j, k - 1, t[k]].item()
+        scores[j] = s
+    return scores
+
+
+def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def constrained(model, tok, puzzle: Puzzle, completion: str) -> tuple[str, np.ndarray]:
+    """A valid completion for one puzzle from the model's likelihoods, and its score matrix."""
+    model.eval()
+    think = think_part(completion)
+    prefix = prompt_text(tok, puzzle) + f"<think>{think}</think>\n<answer>"
+    scores = np.zeros((puzzle.n, puzzle.n))
+    chosen: list[str] = []
+    for i in range(puzzle.n):
+        slot_prefix = prefix + "".join(f"{c}{ANSWER_SEP}" for c in chosen)
+        scores[i] = slot_scores(model, tok, slot_prefix, puzzle.candidates)
+        free = [j for j in np.argsort(-scores[i]) if puzzle.candidates[j] not in chosen]
+        chosen.append(puzzle.candidates[free[0]])
+    labels = [puzzle.candidates[j] for j in assign(scores)]
+    return format_completion(think, labels), scores

@@ -1,0 +1,1 @@
+"""Training: model factory, tokenizer, SFT, RL (GRPO, PPO)."""

@@ -1,0 +1,67 @@
+"""Trainer callbacks: metrics to MLflow (when a run is active) and to a history list, and
+batch accuracy on a validation subset every few steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from transformers import TrainerCallback
+
+from ..puzzle import Puzzle
+from ..reward import score
+
+
+class MetricsLogger(TrainerCallback):
+    """Numeric trainer logs -> ``history`` and the active MLflow run, prefixed."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.history: list[dict] = []
+
+    def record(self, metrics: dict, step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        if not clean:
+            return
+        self.history.append({"step": step, **clean})
+        try:
+            import mlflow
+
+            if mlflow.active_run():
+                mlflow.log_metrics({f"{self.prefix}/{k}".replace("//", "/"): v for k, v in clean.items()}, step=step)
+        except ImportError:
+            pass
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            self.record(logs, state.global_step)
+
+
+class ValidationAccuracy(TrainerCallback):
+    """Greedy decoding of a few held-out puzzles every ``every`` steps; logs val_* metrics."""
+
+    def __init__(self, puzzles: Sequence[Puzzle], tokenizer, logger: MetricsLogger, every: int = 10):
+        self.puzzles = list(puzzles)
+        self.tok = tokenizer
+        self.logger = logger
+        self.every = max(1, every)
+
+    def _run(self, model, step: int) -> None:
+        from ..decode import DecodeOptions, generate
+
+        if not self.puzzles or model is None:
+            return
+        was_training = model.training
+        completions = generate(model, self.tok, self.puzzles, DecodeOptions(batch_size=len(self.puzzles)))
+        s = score(completions, [p.answer_text for p in self.puzzles], n_boot=0)
+        self.logger.record({f"val_{k}": s[k] for k in ("batch_accuracy", "cell_accuracy", "format_ratio", "reward")}, step)
+        if was_training:
+            model.train()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self._run(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every != 0:
+            self._run(model, state.global_step)

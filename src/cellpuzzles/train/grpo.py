@@ -1,0 +1,71 @@
+"""GRPO with the batch-level reward, through TRL's GRPOTrainer (as in the Cell-o1 repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import CellPuzzlesError
+from ..puzzle import Puzzle
+from .callbacks import MetricsLogger, ValidationAccuracy
+from .model import load_model, lora, save
+from .rl_common import RLOptions, cellpuzzles_reward, completion_budget, format_ok, rl_rows
+from .sft import _latest_checkpoint
+
+
+def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathLike, out: str | os.PathLike,
+               opt: RLOptions, logger: MetricsLogger | None = None) -> Path:
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    if opt.rollout == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise CellPuzzlesError("--rollout vllm needs the vllm package (the GPU training image has it); use --rollout hf") from None
+    model, tok, prompt = load_model(model_path)
+    is_tiny = model.num_parameters() < 20_000_000
+    use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora
+    if use_lora:
+        model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r)
+    ds = Dataset.from_list(rl_rows(train, prompt)).shuffle(seed=opt.seed)
+    logger = logger or MetricsLogger("rl")
+    shown_val = [prompt.apply(p) for p in val[: opt.val_size]]
+    ckpt = Path(f"{out}.ckpt")
+    gen_kwargs = {}
+    cfg = GRPOConfig(
+        output_dir=str(ckpt),
+        max_steps=opt.max_steps,
+        learning_rate=opt.learning_rate,
+        per_device_train_batch_size=opt.prompts_per_step * opt.num_generations,
+        num_generations=opt.num_generations,
+        beta=opt.beta,
+        temperature=opt.temperature,
+        max_completion_length=completion_budget(train, opt),
+        reward_weights=[1.0, 0.0],  # the reward, and the format ratio (logged only)
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=opt.save_steps,
+        save_total_limit=2,
+        report_to=[],
+        seed=opt.seed,
+        use_vllm=opt.rollout == "vllm",
+        vllm_mode="colocate",
+        cache_implementation="static" if opt.static_cache else None,
+        generation_kwargs=gen_kwargs or None,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not os.isatty(2),
+        log_completions=False,
+    )
+    # beta > 0 rebuilds the reference model from config._name_or_path: the model is loaded
+    # from a saved folder, so that path is the starting policy (FACTS: GRPO/RLOO reference)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=[cellpuzzles_reward, format_ok], args=cfg, train_dataset=ds,
+        processing_class=tok,
+        callbacks=[logger, ValidationAccuracy(shown_val, tok, logger, every=opt.eval_steps)],
+    )
+    trainer.train(resume_from_checkpoint=_latest_checkpoint(ckpt) if opt.resume else None)
+    final = trainer.model.merge_and_unload() if use_lora else trainer.model
+    return save(final, tok, out, prompt)

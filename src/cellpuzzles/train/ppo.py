@@ -1,0 +1,264 @@
+"""Actor-critic PPO with the Cell-o1 batch reward, through TRL's maintained trainer
+(``trl.experimental.ppo.PPOTrainer``; trl is pinned to 1.12 because 1.13 removed it).
+
+What TRL does here, unchanged: rollouts from the policy, a value model (the policy
+checkpoint with a one-output score head), per-token KL to the frozen reference policy
+folded into the reward (``kl_coef``), GAE, the clipped policy ratio and the clipped value
+loss. What this module adds: the rule reward as a "reward model" TRL can call
+(``RuleRewardModel``), the mapping from ``RLOptions`` to ``PPOConfig``, logging of the
+reward spread / format ratio / completion length, validation accuracy, and the final save.
+
+Resume: not supported by TRL 1.12's PPOTrainer. ``PPOTrainer.train()`` takes no
+``resume_from_checkpoint``, resets ``global_step`` and the episode counter to 0, and its
+checkpoints (``save_steps``) hold only the policy, optimizer and trainer state, not the
+value model's weights. A PPO run therefore always starts from ``model_path``; checkpoints
+under ``<out>.ckpt`` are written for inspection only, and ``opt.resume`` is reported as
+not honoured (a warning) instead of being faked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from ..decode import prompt_text
+from ..errors import CellPuzzlesError
+from ..puzzle import Puzzle, is_well_formed
+from ..reward import batch_reward
+from .callbacks import MetricsLogger, ValidationAccuracy
+from .model import PromptOptions, load_model, lora, save
+from .rl_common import RLOptions, completion_budget
+
+# PPO's inner loop: passes over each rollout batch. TRL's default of 4 on a GPU; 2 on CPU,
+# the fewest that still exercises the clipped ratio (the first pass is exactly on-policy,
+# ratio 1, so with a single pass the clip could never act). One mini-batch: the whole
+# rollout batch (prompts_per_step) is one optimizer step per pass.
+PPO_EPOCHS_GPU = 4
+PPO_EPOCHS_CPU = 2
+NUM_MINI_BATCHES = 1
+
+
+def _key(ids) -> bytes:
+    import numpy as np
+
+    return hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+
+@dataclass
+class _RewardOutput:
+    hidden_states: tuple[torch.Tensor, ...]
+
+
+class _Backbone(nn.Module):
+    """What ``get_reward`` runs as the "language model backbone": returns the rule reward of
+    each row broadcast over the sequence as the last hidden state, shape [B, T, 1]."""
+
+    def __init__(self, rewards_fn):
+        super().__init__()
+        self._rewards_fn = rewards_fn  # a bound method, not a Module: no submodule cycle
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        r = self._rewards_fn(input_ids, attention_mask)  # [B] float32 on input_ids.device
+        return _RewardOutput(hidden_states=(r[:, None, None].expand(-1, input_ids.shape[1], 1).contiguous(),))
+
+
+class RuleRewardModel(nn.Module):
+    """ADAPTER so TRL's PPOTrainer can use the rule-based Cell-o1 reward as its reward model.
+
+    TRL's ``get_reward(model, query_responses, pad_token_id, context_length)`` does
+    ``getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=..., position_ids=...,
+    output_hidden_states=True, ...)`` and then ``model.score(output.hidden_states[-1])``, reading
+    the value at each row's last non-pad token. Here the backbone computes, for each row,
+    ``cellpuzzles.reward.batch_reward(response_text, gold)`` and fills a [B, T, 1] float32
+    tensor with it; ``score`` is the identity. Nothing is learned: the module has no parameters.
+
+    Splitting prompt from response: ``get_reward`` does not pass ``context_length`` to the
+    backbone, so each row's prompt is found by its token ids. Queries are left-padded, so the
+    prompt starts at the first attended token; the adapter knows every training prompt's ids
+    (the exact ids in the PPO dataset, hashed) and matches the one that prefixes the row. The
+    response is what follows, cut at the first padding position (where TRL itself ends the
+    sequence) and at the first EOS (``<|im_end|>`` for ChatML), then decoded with
+    ``skip_special_tokens=True``: the same text GRPO's reward functions see.
+
+    Per call it also records each row's reward, whether the completion is well formed, and its
+    length in tokens; ``drain()`` returns and clears what was recorded since the last drain.
+    """
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, tokenizer, prompts: list[list[int]], answers: list[str]):
+        super().__init__()
+        self.tok = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+        self.gold: dict[bytes, str] = {}
+        for ids, a in zip(prompts, answers):
+            self.gold[_key(ids)] = a
+        self.lengths = sorted({len(ids) for ids in prompts})
+        self.backbone = _Backbone(self.rewards)
+        self.score = nn.Identity()
+        self._stats: list[tuple[float, bool, int]] = []
+
+    @classmethod
+    def from_puzzles(cls, tokenizer, puzzles: list[Puzzle], prompt: PromptOptions) -> RuleRewardModel:
+        ids = [prompt_ids(tokenizer, prompt.apply(p)) for p in puzzles]
+        return cls(tokenizer, ids, [p.answer_text for p in puzzles])
+
+    def split(self, ids: list[int]) -> tuple[str, list[int]]:
+        """(gold answer, response ids) of one unpadded query+response row."""
+        for n in self.lengths:
+            if n > len(ids):
+                break
+            gold = self.gold.get(_key(ids[:n]))
+            if gold is not None:
+                return gold, ids[n:]
+        head = self.tok.decode(ids[:80], skip_special_tokens=False)
+        raise CellPuzzlesError(f"PPO reward: a rollout's prompt is not one of the training prompts ({head!r}...)")
+
+    def response_text(self, response_ids: list[int]) -> str:
+        if self.eos_token_id is not None and self.eos_token_id in response_ids:
+            response_ids = response_ids[: response_ids.index(self.eos_token_id)]
+        return self.tok.decode(response_ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = []
+        for row, mask in zip(input_ids.tolist(), attention_mask.bool().tolist()):
+            start = mask.index(True) if True in mask else len(mask)
+            # the row ends at its first padding position after the prompt start (TRL's view)
+            end = mask.index(False, start) if False in mask[start:] else len(mask)
+            gold, resp = self.split(row[start:end])
+            text = self.response_text(resp)
+            r = batch_reward(text, gold)
+            self._stats.append((r, is_well_formed(text), len(resp)))
+            out.append(r)
+        return torch.tensor(out, dtype=torch.float32, device=input_ids.device)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.score(self.backbone(input_ids, attention_mask).hidden_states[-1])
+
+    def drain(self) -> dict[str, float]:
+        stats, self._stats = self._stats, []
+        if not stats:
+            return {}
+        r = torch.tensor([s[0] for s in stats], dtype=torch.float64)
+        return {
+            "reward_mean": float(r.mean()),
+            "reward_std": float(r.std(unbiased=False)),
+            "format_ratio": sum(s[1] for s in stats) / len(stats),
+            "completion_length": sum(s[2] for s in stats) / len(stats),
+        }
+
+
+def prompt_ids(tok, puzzle: Puzzle) -> list[int]:
+    """The prompt's token ids exactly as generation sees them (chat template, generation prompt)."""
+    return tok(prompt_text(tok, puzzle), add_special_tokens=False)["input_ids"]
+
+
+class _RewardStats(TrainerCallback):
+    """After TRL logs a PPO step (objective/kl, objective/scores, ...), record what TRL does
+    not: the rule reward's mean and spread, the format ratio and the completion length."""
+
+    def __init__(self, reward_model: RuleRewardModel, logger: MetricsLogger):
+        self.rm = reward_model
+        self.logger = logger
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "objective/scores" in logs:
+            stats = self.rm.drain()
+            if stats:
+                self.logger.record(stats, state.global_step)
+
+
+class _PolicyValidation(ValidationAccuracy):
+    """PPOTrainer hands callbacks its policy+value wrapper; validate the policy inside it."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        super().on_step_end(args, state, control, model=getattr(model, "policy", model), **kwargs)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        super().on_train_end(args, state, control, model=getattr(model, "policy", model), **kwargs)
+
+
+def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathLike, out: str | os.PathLike,
+              opt: RLOptions, logger: MetricsLogger | None = None) -> Path:
+    """PPO from ``model_path`` on ``train`` with the batch reward; writes the model folder ``out``."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    if len(train) < opt.prompts_per_step:
+        # TRL's dataloader drops the last partial batch: with fewer prompts than one batch
+        # it would yield nothing, and PPOTrainer's endless data iterator would spin forever
+        raise CellPuzzlesError(f"PPO needs at least prompts_per_step={opt.prompts_per_step} training puzzles, "
+                               f"got {len(train)}")
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    model, tok, prompt = load_model(model_path)
+    dtype = model.dtype
+    is_tiny = model.num_parameters() < 20_000_000
+    use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora
+    if use_lora:
+        model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r)
+        ref = None  # PPOTrainer uses the policy with its adapter disabled: the starting policy
+    else:
+        ref = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, local_files_only=True)
+    # the critic: the policy checkpoint with a fresh one-output score head, trained in full
+    value = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=1, dtype=dtype,
+                                                               local_files_only=True)
+    value.config.pad_token_id = tok.pad_token_id
+
+    shown = [prompt.apply(p) for p in train]
+    ids = [prompt_ids(tok, p) for p in shown]
+    ds = Dataset.from_dict({"input_ids": ids}).shuffle(seed=opt.seed)
+    reward_model = RuleRewardModel(tok, ids, [p.answer_text for p in shown])
+    logger = logger or MetricsLogger("rl")
+    ckpt = Path(f"{out}.ckpt")
+    if opt.resume and any(ckpt.glob("checkpoint-*")):
+        warnings.warn(f"PPO cannot resume from {ckpt} (TRL 1.12's PPOTrainer has no resume support and does not "
+                      f"checkpoint the value model); starting again from {model_path}", stacklevel=2)
+    cfg = PPOConfig(
+        output_dir=str(ckpt),
+        total_episodes=opt.max_steps * opt.prompts_per_step,  # one rollout per prompt: max_steps PPO steps
+        per_device_train_batch_size=opt.prompts_per_step,
+        gradient_accumulation_steps=1,
+        local_rollout_forward_batch_size=opt.prompts_per_step,
+        num_mini_batches=NUM_MINI_BATCHES,
+        num_ppo_epochs=PPO_EPOCHS_GPU if cuda else PPO_EPOCHS_CPU,
+        learning_rate=opt.learning_rate,
+        kl_coef=opt.beta,
+        temperature=opt.temperature,
+        response_length=completion_budget(train, opt),
+        stop_token="eos",
+        missing_eos_penalty=None,  # the rule reward already gives -1 to anything cut off mid-format
+        num_sample_generations=0,  # validation is ValidationAccuracy's job
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=opt.save_steps,
+        save_total_limit=2,
+        report_to=[],
+        seed=opt.seed,
+        bf16=bf16,
+        use_cpu=not cuda,
+        gradient_checkpointing=False,  # PPOTrainer.train() never turns it on anyway
+        disable_tqdm=not os.isatty(2),
+    )
+    shown_val = [prompt.apply(p) for p in val[: opt.val_size]]
+    trainer = PPOTrainer(
+        args=cfg, processing_class=tok, model=model, ref_model=ref, reward_model=reward_model,
+        train_dataset=ds, value_model=value,
+        callbacks=[logger, _RewardStats(reward_model, logger),
+                   _PolicyValidation(shown_val, tok, logger, every=opt.eval_steps)],
+    )
+    trainer.train()
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    final = policy.merge_and_unload() if use_lora else policy
+    return save(final, tok, out, prompt)

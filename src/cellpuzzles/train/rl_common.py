@@ -1,0 +1,55 @@
+"""What GRPO and PPO share: options, the reward functions, datasets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..puzzle import Puzzle, is_well_formed
+from ..reward import batch_reward
+from .model import PromptOptions
+
+
+@dataclass
+class RLOptions:
+    algo: str = "grpo"  # "grpo" (TRL GRPOTrainer) or "ppo" (TRL experimental PPOTrainer)
+    max_steps: int = 20
+    learning_rate: float = 5e-5
+    prompts_per_step: int = 8
+    num_generations: int = 4  # GRPO group size (rollouts per prompt)
+    beta: float = 0.001  # KL coefficient to the reference policy (Cell-o1 used 0.001)
+    temperature: float = 1.0
+    max_completion_length: int | None = None  # None: 64 + 32 per cell of the largest puzzle
+    val_size: int = 32
+    eval_steps: int = 10
+    save_steps: int = 10
+    resume: bool = True
+    rollout: str = "hf"  # "hf": the model's own generate; "vllm": TRL's vLLM integration
+    static_cache: bool = False  # compiled static KV cache for HF rollouts (pays off on GPUs)
+    use_lora: bool | None = None  # None: LoRA for Hugging Face models, full for tiny
+    lora_r: int = 16
+    seed: int = 0
+
+
+def completion_text(c) -> str:
+    """TRL passes conversational completions as message lists; plain ones as strings."""
+    if isinstance(c, list):
+        return c[0]["content"] if c else ""
+    return c
+
+
+def cellpuzzles_reward(completions, answer, **kwargs) -> list[float]:
+    """The Cell-o1 batch reward (``cellpuzzles.reward.batch_reward``), nothing else."""
+    return [batch_reward(completion_text(c), a) for c, a in zip(completions, answer)]
+
+
+def format_ok(completions, **kwargs) -> list[float]:
+    """1.0 when the completion obeys the format rule; logged with weight 0 (format ratio)."""
+    return [1.0 if is_well_formed(completion_text(c)) else 0.0 for c in completions]
+
+
+def rl_rows(puzzles: list[Puzzle], prompt: PromptOptions) -> list[dict]:
+    return [{"prompt": prompt.apply(p).messages(), "answer": p.answer_text, "n": p.n} for p in puzzles]
+
+
+def completion_budget(puzzles: list[Puzzle], opt: RLOptions) -> int:
+    return opt.max_completion_length or 64 + 32 * max(p.n for p in puzzles)
