@@ -254,9 +254,17 @@ def cmd_synth(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from .run import RunOptions, run
+    from dataclasses import replace
 
-    run(RunOptions(data=a.data, out=a.out, column_map=a.map, seed=a.seed))
+    from .run import LearnOptions, RunOptions, run
+
+    learn = LearnOptions(enabled=not a.no_learn, model=a.model, eval_limit=a.eval_limit,
+                         rl_algos=tuple(a.rl_algo or ("grpo", "ppo")))
+    if a.sft_steps is not None:
+        learn.sft = replace(learn.sft, max_steps=a.sft_steps)
+    if a.rl_steps is not None:
+        learn.rl = replace(learn.rl, max_steps=a.rl_steps)
+    run(RunOptions(data=a.data, out=a.out, column_map=a.map, seed=a.seed, learn=learn))
     return 0
 
 
@@ -269,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN")
     p.add_argument("--out", default="runs/default", help="output folder (default runs/default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="tiny", help="'tiny' (default, built from scratch) or a Hugging Face model folder")
+    p.add_argument("--no-learn", action="store_true", help="stop after puzzles and the baseline solvers")
+    p.add_argument("--sft-steps", type=int, default=None)
+    p.add_argument("--rl-steps", type=int, default=None)
+    p.add_argument("--rl-algo", action="append", choices=["grpo", "ppo"], default=None, help="repeatable (default both)")
+    p.add_argument("--eval-limit", type=int, default=None, help="decode only the first K test puzzles")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("prepare", help="materialise the bundled real dataset into data/ (no network)")

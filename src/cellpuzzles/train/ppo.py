@@ -218,6 +218,11 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
 
     shown = [prompt.apply(p) for p in train]
     ids = [prompt_ids(tok, p) for p in shown]
+    if any(tok.pad_token_id in x for x in ids):
+        # TRL masks every pad id as padding: a prompt holding one (pad == an EOS the chat
+        # template uses) would be cut in the middle by PPOTrainer itself
+        raise CellPuzzlesError(f"PPO: the pad token {tok.pad_token!r} occurs inside the prompts (pad = a chat "
+                               "template token); give the tokenizer a distinct pad token")
     ds = Dataset.from_dict({"input_ids": ids}).shuffle(seed=opt.seed)
     reward_model = RuleRewardModel(tok, ids, [p.answer_text for p in shown])
     logger = logger or MetricsLogger("rl")

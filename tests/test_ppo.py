@@ -1,0 +1,130 @@
+"""PPO through TRL's experimental PPOTrainer with the rule reward (CPU, tiny model)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl.experimental.ppo")
+
+from cellpuzzles.errors import CellPuzzlesError  # noqa: E402
+from cellpuzzles.puzzle import format_completion, make_puzzle  # noqa: E402
+from cellpuzzles.reward import batch_reward  # noqa: E402
+from cellpuzzles.teachers.markers import MarkersTeacher  # noqa: E402
+from cellpuzzles.train.callbacks import MetricsLogger  # noqa: E402
+from cellpuzzles.train.model import PromptOptions, TinyConfig, build_tiny, load_model  # noqa: E402
+from cellpuzzles.train.ppo import RuleRewardModel, prompt_ids, train_ppo  # noqa: E402
+from cellpuzzles.train.rl_common import RLOptions  # noqa: E402
+
+MARKERS = {"B cell": ["CD79A", "MS4A1"], "T cell": ["CD3E", "IL7R"], "NK cell": ["NKG7", "GNLY"],
+           "monocyte": ["LYZ", "CD14"]}
+
+
+def _puzzles(k: int = 8):
+    rng = random.Random(0)
+    out = []
+    for j in range(k):
+        types = rng.sample(sorted(MARKERS), 3)
+        out.append(make_puzzle([MARKERS[t] + [f"G{j}"] for t in types], types, "Free text context.", donor_id="d",
+                               cell_ids=[f"c{j}_{i}" for i in range(3)]))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A hidden-32 model gains nothing from intra-op threads, and on a 2-core box shared with
+    another busy process two threads spin against each other (a 32x32 matmul: 8 ms instead of
+    7 us), which made this module take 60 s instead of 15."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    ps = _puzzles()
+    train, val = ps[:6], ps[6:]
+    teacher = MarkersTeacher(train)
+    traces = [teacher.trace(p) for p in ps]
+    folder = build_tiny(ps, traces, tmp_path_factory.mktemp("ppo") / "tiny",
+                        TinyConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+                        PromptOptions())
+    return train, val, folder
+
+
+def _query_responses(tok, prompts: list[list[int]], responses: list[list[int]]):
+    """What PPOTrainer hands get_reward: left-padded queries, then right-padded responses."""
+    pad = tok.pad_token_id
+    q = max(map(len, prompts))
+    r = max(map(len, responses))
+    rows = [[pad] * (q - len(p)) + p + x + [pad] * (r - len(x)) for p, x in zip(prompts, responses)]
+    return torch.tensor(rows), q
+
+
+def test_adapter_reward_is_batch_reward_through_trl_get_reward(tiny):
+    from trl.experimental.utils import get_reward
+
+    train, _, folder = tiny
+    _, tok, prompt = load_model(folder)
+    rm = RuleRewardModel.from_puzzles(tok, train, prompt)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tok.eos_token_id
+    right = format_completion("", train[0].answer)
+    swapped = format_completion("", [train[1].answer[1], train[1].answer[0], train[1].answer[2]])
+    garbage = "<answer>T cell, B cell"
+    ok3 = format_completion("", train[3].answer)
+    assert tok.decode(enc(right)) == right and tok.decode(enc(swapped)) == swapped
+    cases = [  # (prompt puzzle, response ids, text the reward must see)
+        (train[0], enc(right) + [eos], right),
+        (train[1], enc(swapped) + [eos], swapped),
+        (train[2], enc(garbage) + [eos], garbage),
+        (train[3], enc(ok3) + [eos] + enc(garbage), ok3),  # what follows the EOS is not the completion
+        (train[4], enc(format_completion("", train[4].answer)), format_completion("", train[4].answer)),  # no EOS
+        (train[5], [], ""),  # empty response
+    ]
+    prompts = [prompt_ids(tok, p) for p, _, _ in cases]
+    qr, context_length = _query_responses(tok, prompts, [c[1] for c in cases])
+    _, scores, _ = get_reward(rm, qr, tok.pad_token_id, context_length)
+    expected = [batch_reward(text, p.answer_text) for p, _, text in cases]
+    assert scores.dtype == torch.float32 and scores.shape == (len(cases),)
+    assert scores.tolist() == pytest.approx(expected)
+    assert expected[0] == 1.0 and expected[2] == -1.0 and expected[3] == 1.0 and expected[5] == -1.0
+    assert -1.0 < expected[1] < 1.0  # two of three cells right: (2/3 + 0) / 2
+    stats = rm.drain()
+    assert stats["format_ratio"] == pytest.approx(4 / 6)
+    assert stats["reward_mean"] == pytest.approx(sum(expected) / len(expected))
+    assert rm.drain() == {}
+    # a prompt that is not a training prompt is an error, not a silent -1
+    with pytest.raises(CellPuzzlesError, match="not one of the training prompts"):
+        rm.rewards(torch.tensor([enc("Cell 1: CD3E") + [eos]]), torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_train_ppo_two_steps(tiny, tmp_path):
+    train, val, folder = tiny
+    logger = MetricsLogger("rl")
+    opt = RLOptions(algo="ppo", max_steps=2, prompts_per_step=2, max_completion_length=16, eval_steps=1,
+                    save_steps=2, val_size=2, seed=0)
+    out = train_ppo(train, val, folder, tmp_path / "ppo", opt, logger)
+    model, tok, _ = load_model(out)
+    assert model.config.model_type == "qwen2"
+    steps = {}
+    for h in logger.history:
+        steps.setdefault(h["step"], {}).update(h)
+    assert sorted(steps) == [1, 2]
+    for s in steps.values():
+        for k in ("objective/kl", "objective/scores", "loss/value_avg", "reward_mean", "reward_std",
+                  "format_ratio", "completion_length", "val_batch_accuracy", "val_reward"):
+            assert k in s, k
+        # no missing-EOS penalty: TRL's score is exactly the rule reward
+        assert s["objective/scores"] == pytest.approx(s["reward_mean"], abs=1e-6)
+        assert 0.0 <= s["format_ratio"] <= 1.0 and 0 < s["completion_length"] <= 16
+    assert (tmp_path / "ppo.ckpt" / "checkpoint-2").is_dir()
+
+
+def test_train_ppo_needs_a_full_batch(tiny, tmp_path):
+    train, val, folder = tiny
+    with pytest.raises(CellPuzzlesError, match="prompts_per_step"):
+        train_ppo(train[:1], val, folder, tmp_path / "x", RLOptions(algo="ppo", prompts_per_step=2))
