@@ -48,3 +48,18 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess."""
     return subprocess.run([sys.executable, "-m", "cellpuzzles.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests run in 2 xdist workers on 2 cores: torch's intra-op threads would fight each
+    other (tiny matmuls slow down ~1000x), so each worker uses one."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -128,3 +128,14 @@ def test_train_ppo_needs_a_full_batch(tiny, tmp_path):
     train, val, folder = tiny
     with pytest.raises(CellPuzzlesError, match="prompts_per_step"):
         train_ppo(train[:1], val, folder, tmp_path / "x", RLOptions(algo="ppo", prompts_per_step=2))
+
+
+def test_train_ppo_says_it_cannot_resume(tiny, tmp_path):
+    """TRL 1.12's PPOTrainer has no resume: a leftover checkpoint is reported, not used."""
+    train, val, folder = tiny
+    (tmp_path / "ppo.ckpt" / "checkpoint-1").mkdir(parents=True)
+    opt = RLOptions(algo="ppo", max_steps=1, prompts_per_step=2, max_completion_length=8, eval_steps=10,
+                    save_steps=10, val_size=1, resume=True)
+    with pytest.warns(UserWarning, match="cannot resume"):
+        out = train_ppo(train, val, folder, tmp_path / "ppo", opt)
+    assert (out / "config.json").is_file()

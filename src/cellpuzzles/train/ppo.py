@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import TrainerCallback
@@ -45,10 +46,8 @@ PPO_EPOCHS_CPU = 2
 NUM_MINI_BATCHES = 1
 
 
-def _key(ids) -> bytes:
-    import numpy as np
-
-    return hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+def _key(ids: np.ndarray) -> bytes:
+    return hashlib.blake2b(ids.astype(np.int64, copy=False).tobytes(), digest_size=16).digest()
 
 
 @dataclass
@@ -101,7 +100,7 @@ class RuleRewardModel(nn.Module):
         self.eos_token_id = tokenizer.eos_token_id
         self.gold: dict[bytes, str] = {}
         for ids, a in zip(prompts, answers):
-            self.gold[_key(ids)] = a
+            self.gold[_key(np.asarray(ids))] = a
         self.lengths = sorted({len(ids) for ids in prompts})
         self.backbone = _Backbone(self.rewards)
         self.score = nn.Identity()
@@ -114,10 +113,11 @@ class RuleRewardModel(nn.Module):
 
     def split(self, ids: list[int]) -> tuple[str, list[int]]:
         """(gold answer, response ids) of one unpadded query+response row."""
-        for n in self.lengths:
+        row = np.asarray(ids, dtype=np.int64)
+        for n in self.lengths:  # one hash per distinct prompt length, not per prompt
             if n > len(ids):
                 break
-            gold = self.gold.get(_key(ids[:n]))
+            gold = self.gold.get(_key(row[:n]))
             if gold is not None:
                 return gold, ids[n:]
         head = self.tok.decode(ids[:80], skip_special_tokens=False)

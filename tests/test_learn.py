@@ -1,0 +1,157 @@
+"""Learning steps on real bundled data with a very small model: tokenizer, teacher,
+distillation, model folders, SFT (checkpoints, resume), GRPO, constrained decoding."""
+
+import json
+import shutil
+
+import pytest
+
+from cellpuzzles.data.bundled import materialise
+from cellpuzzles.data.cells import CellsOptions, build_cells
+from cellpuzzles.data.sample import PuzzleOptions, make_splits
+from cellpuzzles.decode import constrained, generate
+from cellpuzzles.distill import DistillOptions, distill, read_traces
+from cellpuzzles.errors import CellPuzzlesError
+from cellpuzzles.puzzle import extract_answer, is_well_formed, split_labels
+from cellpuzzles.reward import batch_reward, score
+from cellpuzzles.teachers.base import Reply
+from cellpuzzles.teachers.markers import MarkersTeacher
+from cellpuzzles.train.callbacks import MetricsLogger
+from cellpuzzles.train.model import PromptOptions, TinyConfig, build_tiny, load_model, load_tokenizer
+from cellpuzzles.train.rl import train_rl
+from cellpuzzles.train.rl_common import RLOptions
+from cellpuzzles.train.sft import SFTOptions, sft
+
+SMALL = TinyConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("learn")
+    cells = build_cells(materialise(root / "data"), CellsOptions(progress=False))
+    splits, _ = make_splits(cells, PuzzleOptions(n_max=5, train_per_n=40, test_per_n=6, reasoning_fraction=0.5))
+    teacher = MarkersTeacher(splits["train"] + splits["reasoning"])
+    distill(splits["reasoning"], teacher, DistillOptions(), root / "traces.jsonl")
+    pairs = read_traces(root / "traces.jsonl")
+    init = build_tiny([p for p, _ in pairs], [t for _, t in pairs], root / "init", SMALL, PromptOptions(genes_per_cell=10))
+    return {"root": root, "splits": splits, "teacher": teacher, "pairs": pairs, "init": init}
+
+
+def test_tokenizer_is_lossless_and_types_are_single_tokens(world):
+    tok = load_tokenizer(world["init"])
+    p, trace = world["pairs"][0]
+    p = PromptOptions(genes_per_cell=10).apply(p)  # the prompt this model sees
+    chat = tok.apply_chat_template([*p.messages(), {"role": "assistant", "content": trace}], tokenize=False)
+    ids = tok(chat, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == chat
+    for t in p.candidates:
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
+    assert len(tok(p.messages()[0]["content"], add_special_tokens=False)["input_ids"]) == 1  # system message
+
+
+def test_markers_traces_are_well_formed_and_grounded(world):
+    for p, trace in world["pairs"]:
+        assert is_well_formed(trace) and batch_reward(trace, p.answer_text) == 1.0
+        body = trace.split("</think>")[0]
+        for i, line in enumerate(body.removeprefix("<think>").split("\n")):
+            cited = line.split(": ", 1)[1].split(" -> ")[0]
+            if cited != "no clear markers":
+                assert set(cited.split(", ")) <= set(p.genes[i]), line  # evidence comes from that cell
+
+
+class FlakyTeacher:
+    """Wraps the real markers teacher: attempt 0 answers with the labels reversed."""
+
+    name = "flaky"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def complete_many(self, items):
+        out = self.inner.complete_many(items)
+        for r, (p, a) in zip(out, items):
+            if a == 0:
+                labels = split_labels(extract_answer(r.text))
+                r.text = r.text.split("<answer>")[0] + "<answer>" + " | ".join(labels[::-1]) + "</answer>"
+        return out
+
+
+def test_distill_rejection_sampling_across_attempts(world, tmp_path):
+    puzzles = world["splits"]["reasoning"][:20]
+    with pytest.raises(CellPuzzlesError, match="no acceptable trace"):  # every first attempt is wrong
+        distill(puzzles, FlakyTeacher(world["teacher"]), DistillOptions(attempts=1), tmp_path / "a.jsonl")
+    two = distill(puzzles, FlakyTeacher(world["teacher"]), DistillOptions(attempts=2), tmp_path / "b.jsonl")
+    assert two["accepted"] >= 18 and two["attempts_used"] == 20 + 20
+    kept = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert all(r["reward"] == 1.0 for r in kept) and {r["attempt"] for r in kept} <= {0, 1}
+
+    class Silent:
+        name = "silent"
+
+        def complete_many(self, items):
+            return [Reply(p.puzzle_id, a, None, error="empty completion") for p, a in items]
+
+    with pytest.raises(CellPuzzlesError, match="no acceptable trace"):
+        distill(puzzles, Silent(), DistillOptions(), tmp_path / "c.jsonl")
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_broken_model_folders_get_clear_errors(world, tmp_path):
+    bad = tmp_path / "m"
+    shutil.copytree(world["init"], bad)
+    (bad / "chat_template.jinja").unlink()
+    cfg = json.loads((bad / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bad / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CellPuzzlesError, match="chat template"):
+        load_tokenizer(bad)
+    for f in bad.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(CellPuzzlesError, match="no tokenizer"):
+        load_tokenizer(bad)
+    with pytest.raises(CellPuzzlesError, match="not a folder"):
+        load_model(tmp_path / "nothing")
+
+
+def test_constrained_decoding_is_always_a_valid_permutation(world):
+    model, tok, prompt = load_model(world["init"])  # untrained: free text is garbage
+    test = [prompt.apply(p) for p in world["splits"]["test"][:6]]
+    free = generate(model, tok, test)
+    cons = [constrained(model, tok, p, c)[0] for p, c in zip(test, free)]
+    s = score(cons, [p.answer_text for p in test], n_boot=0)
+    assert s["format_ratio"] == 1.0 and s["uniqueness"] == 1.0
+    for p, c in zip(test, cons):
+        assert sorted(split_labels(extract_answer(c))) == sorted(p.candidates)
+
+
+def test_sft_learns_checkpoints_and_resumes(world):
+    out = world["root"] / "sft"
+    log = MetricsLogger("sft")
+    opt = SFTOptions(max_steps=30, learning_rate=3e-3, batch_size=16, logging_steps=5, save_steps=15, eval_steps=15)
+    sft(world["pairs"], world["init"], out, opt, callbacks=[log])
+    losses = [h["loss"] for h in log.history if "loss" in h]
+    assert losses[-1] < losses[0] - 1.0  # nats
+    assert (out / "config.json").is_file() and (out / "cellpuzzles.json").is_file()
+    assert json.loads((out / "cellpuzzles.json").read_text())["genes_per_cell"] == 10
+    # resume: more steps continue from the last checkpoint instead of starting over
+    log2 = MetricsLogger("sft")
+    sft(world["pairs"], world["init"], out, SFTOptions(**{**opt.__dict__, "max_steps": 35}), callbacks=[log2])
+    assert min(h["step"] for h in log2.history) > 30
+    # a corrupt newest checkpoint is a clear error, not a silent restart
+    ckpt = sorted((out.parent / "sft.ckpt").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    for f in ckpt.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(CellPuzzlesError, match="corrupt"):
+        sft(world["pairs"], world["init"], out, SFTOptions(**{**opt.__dict__, "max_steps": 40}))
+
+
+def test_grpo_runs_and_logs_reward_kl_format_and_val_accuracy(world):
+    src = world["root"] / "sft" if (world["root"] / "sft").is_dir() else world["init"]
+    log = MetricsLogger("rl")
+    out = train_rl(world["splits"]["train"][:16], world["splits"]["test"][:4], src, world["root"] / "grpo",
+                   RLOptions(max_steps=2, prompts_per_step=2, num_generations=2, eval_steps=1,
+                             max_completion_length=40, resume=False), log)
+    keys = set().union(*(h.keys() for h in log.history))
+    assert {"reward", "reward_std", "kl", "rewards/format_ok/mean", "completions/mean_length", "val_batch_accuracy"} <= keys
+    model, _, _ = load_model(out)
+    assert model.num_parameters() > 0
