@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
-    r = run_cli("run", "--out", "out", cwd=work)
+    r = run_cli("run", "--out", "out", "--no-learn", cwd=work)
     assert r.returncode == 0, r.stderr[-2000:]
     return work, r
 
