@@ -155,3 +155,29 @@ def test_grpo_runs_and_logs_reward_kl_format_and_val_accuracy(world):
     assert {"reward", "reward_std", "kl", "rewards/format_ok/mean", "completions/mean_length", "val_batch_accuracy"} <= keys
     model, _, _ = load_model(out)
     assert model.num_parameters() > 0
+
+
+def test_step_commands_chain_through_the_cli(world, tmp_path):
+    from conftest import run_cli
+    from cellpuzzles.puzzle import write_puzzles
+
+    s = world["splits"]
+    for name in ("train", "reasoning", "test"):
+        write_puzzles(tmp_path / f"{name}.jsonl", s[name][:24])
+    r = run_cli("distill", "--puzzles", tmp_path / "reasoning.jsonl", "--train", tmp_path / "train.jsonl",
+                "--out", tmp_path / "traces.jsonl", cwd=tmp_path)
+    assert r.returncode == 0 and "kept" in r.stdout, r.stderr[-1500:]
+    r = run_cli("sft", "--traces", tmp_path / "traces.jsonl", "--out", tmp_path / "models" / "sft", "--steps", "3",
+                "--batch-size", "8", "--genes-per-cell", "8", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-1500:]
+    r = run_cli("rl", "--algo", "grpo", "--puzzles", tmp_path / "train.jsonl", "--model", tmp_path / "models" / "sft",
+                "--out", tmp_path / "models" / "grpo", "--steps", "1", "--prompts-per-step", "2",
+                "--num-generations", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-1500:]
+    r = run_cli("evaluate", "--model", tmp_path / "models" / "grpo", "--puzzles", tmp_path / "test.jsonl",
+                "--out", tmp_path / "eval", cwd=tmp_path)
+    assert r.returncode == 0 and "constrained" in r.stdout, r.stderr[-1500:]
+    assert (tmp_path / "eval" / "metrics_grpo_constrained.json").is_file()
+    assert (tmp_path / "models" / "mlflow.db").is_file()  # each step command logged its own MLflow run
+    bad = run_cli("sft", "--traces", tmp_path / "test.jsonl", "--out", tmp_path / "x", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:")  # puzzles without traces

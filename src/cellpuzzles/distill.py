@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import CellPuzzlesError
-from .puzzle import Puzzle, puzzle_from_record
+from .puzzle import Puzzle, is_well_formed, puzzle_from_record
 from .reward import batch_reward
 from .teachers.base import Reply, Teacher
 
@@ -92,6 +92,11 @@ def read_traces(path: str | os.PathLike) -> list[tuple[Puzzle, str]]:
             out.append((puzzle_from_record(rec), rec["assistant_msg"]))
         except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
             raise CellPuzzlesError(f"{path}:{lineno}: not a valid trace record ({e}); fix or remove that line") from None
+        if not is_well_formed(out[-1][1]):
+            raise CellPuzzlesError(
+                f"{path}:{lineno}: assistant_msg is not a reasoning trace (<think>…</think>\n<answer>…</answer>); "
+                "pass the output of `cellpuzzles distill`"
+            )
     if not out:
         raise CellPuzzlesError(f"{path}: no traces in the file; it is empty")
     return out
