@@ -54,7 +54,7 @@ def test_markers_traces_are_well_formed_and_grounded(world):
         assert is_well_formed(trace) and batch_reward(trace, p.answer_text) == 1.0
         body = trace.split("</think>")[0]
         for i, line in enumerate(body.removeprefix("<think>").split("\n")):
-            cited = line.split(": ", 1)[1].split(" -> ")[0]
+            cited = line.split(": ", 1)[1].split("; ")[0]
             if cited != "no clear markers":
                 assert set(cited.split(", ")) <= set(p.genes[i]), line  # evidence comes from that cell
 

@@ -118,8 +118,14 @@ def _print_split_summary(summary: dict, out: Path) -> None:
         print(f"{name:<10}{s['puzzles']:>8}{s['cells']:>8}  " + " ".join(f"{s['by_n'].get(n, 0):<6}" for n in ns))
     if summary["skipped_n"]:
         print(f"skipped N (more types than any donor has): {summary['skipped_n']}")
-    donors = summary["splits"]["test"]["by_donor"]
-    print(f"donors in test: {len(donors)}; wrote {', '.join(str(out / f) for f in ['summary.json', *[s + '.jsonl' for s in summary['splits']]])}")
+    names = list(summary["splits"])
+    donors = sorted({d for sp in summary["splits"].values() for d in sp["by_donor"]})
+    print(f"{'donor':<24}" + "".join(f"{n:>10}" for n in names))
+    for d in donors[:20]:
+        print(f"{d[:23]:<24}" + "".join(f"{summary['splits'][n]['by_donor'].get(d, 0):>10}" for n in names))
+    if len(donors) > 20:
+        print(f"... {len(donors) - 20} more donors in summary.json")
+    print(f"wrote {', '.join(str(out / f) for f in ['summary.json', *[s + '.jsonl' for s in summary['splits']]])}")
 
 
 def cmd_evaluate(a) -> int:
@@ -344,13 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traces", required=True)
     p.add_argument("--model", default="tiny", help="'tiny' (built from the traces) or a Hugging Face model folder")
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=900)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="LoRA (default: on for HF models)")
     p.add_argument("--deepspeed", default=None, help="zero2, zero3 or a DeepSpeed JSON (GPUs)")
-    p.add_argument("--genes-per-cell", type=int, default=15, help="genes shown per cell to a tiny model")
+    p.add_argument("--genes-per-cell", type=int, default=6, help="genes shown per cell to a tiny model")
     p.add_argument("--restart", action="store_true", help="ignore checkpoints in OUT.ckpt")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_sft)

@@ -32,10 +32,10 @@ class LearnOptions:
 
     enabled: bool = True
     model: str = "tiny"
-    genes_per_cell: int | None = 15  # genes per cell shown to the tiny model
+    genes_per_cell: int | None = 6  # genes per cell shown to the tiny model (short prompts, most of the signal)
     rl_algos: tuple[str, ...] = ("grpo", "ppo")
     eval_limit: int | None = None  # decode only the first K test puzzles (None: all)
-    sft: SFTOptions = field(default_factory=SFTOptions)
+    sft: SFTOptions = field(default_factory=lambda: SFTOptions(max_steps=900, learning_rate=5e-3))
     rl: RLOptions = field(default_factory=lambda: RLOptions(max_steps=15, learning_rate=2e-5))
 
 

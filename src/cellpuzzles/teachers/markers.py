@@ -1,12 +1,13 @@
 """The built-in teacher: reasoning traces from the marker-gene solver.
 
-For each cell the trace cites the cell's genes that most favour its assigned type over the
-other candidates, then the type; when the one-type-per-cell rule moved a cell off its
+For each cell the trace names the assigned type, then cites the cell's genes that most
+favour it over the other candidates (type first, so a left-to-right student decides the
+type from the cell's genes rather than from the evidence it just wrote); when the one-type-per-cell rule moved a cell off its
 best-scoring candidate, it says which cell took that candidate. The answer is the
 solver's one-to-one assignment. Traces obey the format rule exactly.
 
-    <think>Cell 1: CD79A, MS4A1 -> B cell
-    Cell 2: GZMB, NKG7 -> NK cell; T cell taken by Cell 3
+    <think>Cell 1 -> B cell: CD79A, MS4A1
+    Cell 2 -> NK cell: GZMB, NKG7; T cell taken by Cell 3
     ...</think>
     <answer>B cell | NK cell | ...</answer>
 """
@@ -50,7 +51,7 @@ class MarkersTeacher:
                 rel = contrib[t] - (contrib[others].max(0) if others else 0.0)
                 order = np.argsort(-rel, kind="stable")[: self.evidence_genes]
                 cited = [known[k][1] for k in order if rel[k] > 0]
-            line = f"Cell {i + 1}: {', '.join(cited) if cited else 'no clear markers'} -> {labels[i]}"
+            line = f"Cell {i + 1} -> {labels[i]}: {', '.join(cited) if cited else 'no clear markers'}"
             best = int(np.argmax(scores[i]))
             if best != choice[i]:
                 line += f"; {puzzle.candidates[best]} taken by Cell {owner[best] + 1}"
