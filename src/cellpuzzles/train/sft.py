@@ -125,6 +125,7 @@ def _latest_checkpoint(ckpt: Path) -> str | None:
     if not cands:
         return None
     last = cands[-1]
-    if not (last / "trainer_state.json").is_file() or not any(last.glob("*.safetensors")) and not any(last.glob("*.bin")):
+    weights = [*last.glob("model*.safetensors"), *last.glob("adapter_model.*"), *last.glob("pytorch_model*.bin")]
+    if not (last / "trainer_state.json").is_file() or not weights:
         raise CellPuzzlesError(f"{last}: checkpoint is incomplete or corrupt; delete it to resume from the previous one")
     return str(last)
