@@ -97,7 +97,7 @@ def test_mlflow_has_parent_nested_runs_metrics_and_artifacts(tracked_run, mlflow
     assert {"rl_grpo/reward", "rl_grpo/kl", "rl_grpo/rewards/format_ok/mean", "rl_grpo/val_batch_accuracy"} <= set(grpo)
     assert {"rl_ppo/objective/kl", "rl_ppo/format_ratio", "rl_ppo/reward_mean"} <= set(by_name["rl-ppo"].data.metrics)
     assert "constrained/batch_accuracy" in by_name["sft"].data.metrics
-    assert by_name["distill"].data.metrics["acceptance_rate"] > 0.5
+    assert 0.2 < by_name["distill"].data.metrics["acceptance_rate"] <= 1.0
     model_files = {a.path for a in c.list_artifacts(by_name["sft"].info.run_id, "model")}
     assert {"model/config.json", "model/tokenizer.json", "model/cellpuzzles.json"} <= model_files
     plots = {a.path for a in c.list_artifacts(run_id, "plots")}

@@ -89,7 +89,7 @@ def sft(pairs: list[tuple[Puzzle, str]], model_path: str | os.PathLike, out: str
         warmup_steps=max(1, int(opt.warmup_ratio * opt.max_steps)),
         lr_scheduler_type=opt.lr_scheduler,
         weight_decay=opt.weight_decay,
-        logging_steps=opt.logging_steps,
+        logging_steps=max(1, min(opt.logging_steps, opt.max_steps // 4)),  # short runs still log a curve
         eval_strategy="steps" if n_eval else "no",
         eval_steps=opt.eval_steps,
         save_strategy="steps",
