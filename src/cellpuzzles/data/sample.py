@@ -214,8 +214,5 @@ def write_splits(out_dir: str | os.PathLike, splits: dict[str, list[Puzzle]], su
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -35,6 +35,10 @@ class SFTOptions:
     save_steps: int = 100
     logging_steps: int = 10
     group_by_length: bool = True  # batches of similar length: ~2x fewer padded tokens
+    packing: bool = False  # pack examples into max_length rows (padding-free; wants flash attention on GPUs)
+    max_length: int | None = None  # truncate/pack to this many tokens
+    use_liger: bool = False  # Liger fused kernels (rope, rms_norm, swiglu, fused linear cross-entropy)
+    gradient_checkpointing: bool = False
     resume: bool = True  # continue from the newest checkpoint in the output folder
     deepspeed: str | None = None  # "zero2", "zero3" or a JSON path
     bf16: bool | None = None  # None: on when CUDA has bf16
@@ -96,14 +100,18 @@ def sft(pairs: list[tuple[Puzzle, str]], model_path: str | os.PathLike, out: str
         save_steps=opt.save_steps,
         save_total_limit=2,
         bf16=bf16,
-        max_length=None,
+        max_length=opt.max_length,
+        packing=opt.packing,
+        padding_free=opt.packing,
+        use_liger_kernel=opt.use_liger,
+        gradient_checkpointing=opt.gradient_checkpointing,
         report_to=[],
         seed=opt.seed,
         data_seed=opt.seed,
         deepspeed=deepspeed_config(opt.deepspeed),
         disable_tqdm=not os.isatty(2),
         dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length" if opt.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if opt.group_by_length and not opt.packing else "random",
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=split["train"], eval_dataset=split["test"],
