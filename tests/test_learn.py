@@ -59,6 +59,19 @@ def test_markers_traces_are_well_formed_and_grounded(world):
                 assert set(cited.split(", ")) <= set(p.genes[i]), line  # evidence comes from that cell
 
 
+def test_teacher_cites_only_visible_genes_but_decides_with_all(world):
+    teacher = MarkersTeacher(world["splits"]["train"], visible_genes=3)
+    rewards = []
+    for p in world["splits"]["reasoning"][:40]:
+        trace = teacher.trace(p)
+        rewards.append(batch_reward(trace, p.answer_text))
+        for i, line in enumerate(trace.split("</think>")[0].removeprefix("<think>").split("\n")):
+            cited = line.split(": ", 1)[1].split("; ")[0]
+            if cited != "no clear markers":
+                assert set(cited.split(", ")) <= set(p.genes[i][:3]), line
+    assert sum(r == 1.0 for r in rewards) >= 30  # the answer still comes from all the genes
+
+
 class FlakyTeacher:
     """Wraps the real markers teacher: attempt 0 answers with the labels reversed."""
 

@@ -69,13 +69,12 @@ def learn(opt, out: Path, lineage: dict) -> tuple[dict[str, dict], dict[str, str
                 log_metrics(f"{name}/", r)
                 log_by_n(name, r)
 
-        # the teacher must see the puzzle as the student will (same genes per cell), or its
-        # traces cite genes the student cannot see
-        shown = PromptOptions(genes_per_cell=L.genes_per_cell if L.model == "tiny" else None)
+        # the teacher decides with every gene, but cites only evidence the student is shown
+        visible = L.genes_per_cell if L.model == "tiny" else None
         _step(f"distill: markers teacher on {len(reasoning)} reasoning puzzles")
         with mlflow.start_run(run_name="distill", nested=True):
-            teacher = MarkersTeacher(reasoning + rl_all)
-            stats = distill([shown.apply(p) for p in reasoning], teacher, DistillOptions(), out / "distill" / "traces.jsonl")
+            teacher = MarkersTeacher(reasoning + rl_all, visible_genes=visible)
+            stats = distill(reasoning, teacher, DistillOptions(), out / "distill" / "traces.jsonl")
             mlflow.log_params({"teacher": stats["teacher"], "attempts": 1})
             log_metrics("", {k: v for k, v in stats.items() if isinstance(v, (int, float))})
         pairs = read_traces(out / "distill" / "traces.jsonl")

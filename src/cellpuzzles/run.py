@@ -46,7 +46,7 @@ class RunOptions:
     column_map: list[str] = field(default_factory=list)
     seed: int = 0
     cells: CellsOptions = field(default_factory=CellsOptions)
-    puzzles: PuzzleOptions = field(default_factory=lambda: PuzzleOptions(reasoning_fraction=0.5))
+    puzzles: PuzzleOptions = field(default_factory=lambda: PuzzleOptions(train_per_n=1000, reasoning_fraction=0.5))
     learn: LearnOptions = field(default_factory=LearnOptions)
 
 

@@ -27,9 +27,12 @@ from .base import Reply
 class MarkersTeacher:
     name = "markers"
 
-    def __init__(self, train: Sequence[Puzzle], evidence_genes: int = 2):
+    def __init__(self, train: Sequence[Puzzle], evidence_genes: int = 2, visible_genes: int | None = None):
+        """``visible_genes``: cite evidence only among each cell's first k genes (what a
+        student shown k genes per cell can see); the assignment still uses every gene."""
         self.solver = MarkerSolver().fit(train)
         self.evidence_genes = evidence_genes
+        self.visible_genes = visible_genes
 
     def trace(self, puzzle: Puzzle) -> str:
         s = self.solver
@@ -41,7 +44,8 @@ class MarkersTeacher:
         lines = []
         for i, genes in enumerate(puzzle.genes):
             t = cand[choice[i]]
-            known = [(r, g) for r, g in enumerate(genes) if g in s.genes]
+            shown = genes if self.visible_genes is None else genes[: self.visible_genes]
+            known = [(r, g) for r, g in enumerate(shown) if g in s.genes]
             cited: list[str] = []
             if t >= 0 and known:
                 cols = np.array([s.genes[g] for _, g in known])
