@@ -84,7 +84,7 @@ def test_mlflow_has_parent_nested_runs_metrics_and_artifacts(tracked_run, mlflow
     from mlflow.tracking import MlflowClient
 
     work, _ = tracked_run
-    run_id = json.loads((work / "out" / "summary.json").read_text())["model_folders"]["parent_run_id"]
+    run_id = json.loads((work / "out" / "summary.json").read_text())["mlflow"]["parent_run_id"]
     c = MlflowClient(mlflow_server)
     parent = c.get_run(run_id)
     assert parent.data.tags["data.dvc_md5"].endswith(".dir")

@@ -34,7 +34,8 @@ def _log_eval(name: str, results: dict[str, dict], out: Path, test: list[Puzzle]
             mlflow.log_text("\n".join(sample) + "\n", f"samples/{name}_{mode}.jsonl")
 
 
-def learn(opt, out: Path, lineage: dict) -> tuple[dict[str, dict], dict[str, str]]:
+def learn(opt, out: Path, lineage: dict) -> tuple[dict[str, dict], dict[str, str], str]:
+    """Returns (metrics per model and decoding mode, model folders, MLflow parent run id)."""
     import mlflow
 
     from .plots import accuracy_by_n, confusion, curves
@@ -137,5 +138,5 @@ def learn(opt, out: Path, lineage: dict) -> tuple[dict[str, dict], dict[str, str
             for mode, r in modes.items():
                 log_metrics(f"{name}/{mode}/", {k: r[k] for k in ("batch_accuracy", "cell_accuracy", "format_ratio", "uniqueness")})
         mlflow.set_tag("final_model", str(last))
-        folders["parent_run_id"] = parent.info.run_id
-    return models, folders
+        run_id = parent.info.run_id
+    return models, folders, run_id

@@ -119,10 +119,11 @@ def run(opt: RunOptions) -> dict:
 
     models: dict[str, dict] = {}
     folders: dict[str, str] = {}
+    run_id = None
     if opt.learn.enabled:
         from .learn import learn
 
-        models, folders = learn(opt, out, lineage)
+        models, folders, run_id = learn(opt, out, lineage)
     else:
         _step("baselines: random and marker-gene solvers on the test split")
         train, test = load_split_dir(out / "puzzles")
@@ -140,7 +141,7 @@ def run(opt: RunOptions) -> dict:
         "models": {name: {mode: {k: v for k, v in m.items() if k != "by_n"} for mode, m in modes.items()}
                    for name, modes in models.items()},
         "model_folders": folders,
-        "mlflow": {"tracking_uri": mlflow_uri} if mlflow_uri else None,
+        "mlflow": {"tracking_uri": mlflow_uri, "parent_run_id": run_id} if mlflow_uri else None,
         "wall_seconds": round(time.time() - t0, 1),
     }
     atomic.write_json(out / "summary.json", summary)

@@ -62,8 +62,8 @@ def logged(where: str, keep: str | os.PathLike | None = None) -> Iterator[None]:
         raise
     except Exception as e:  # MLflow raises many types (MlflowException, requests errors, OSError)
         mod = type(e).__module__
-        if not (mod.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")) or isinstance(e, (ConnectionError, OSError))):
-            raise
+        if not (mod.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")) or isinstance(e, ConnectionError)):
+            raise  # not an MLflow failure: a real bug or a data/disk error must surface as itself
         kept = f"; results are kept in {keep}" if keep else ""
         raise CellPuzzlesError(f"MLflow logging failed during {where} ({type(e).__name__}: {str(e)[:120]}){kept}") from None
 
