@@ -107,13 +107,12 @@ def run(opt: RunOptions) -> dict:
     opt.cells.column_map = parse_column_map(opt.column_map)
     opt.cells.progress = sys.stderr.isatty()
     opt.puzzles.seed = opt.seed
+    data_file, psummary, report = _prepare_data(opt, out)  # bad data fails here, before MLflow is touched
     mlflow_uri = None
     if opt.learn.enabled:
         from .tracking import connect
 
-        mlflow_uri = connect(out)  # fail fast when a configured server is down
-
-    data_file, psummary, report = _prepare_data(opt, out)
+        mlflow_uri = connect(out)  # a configured server that is down fails here, before any training
     lineage = {**data_lineage(data_file), "puzzle_files": {k: v["sha256"] for k, v in
                                                             _read_json(out / "puzzles" / "summary.json")["files"].items()}}
 

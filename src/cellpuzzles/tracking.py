@@ -27,8 +27,11 @@ def tracking_uri(work_dir: str | os.PathLike) -> str:
 
 def connect(work_dir: str | os.PathLike, experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the store, check it answers, select the experiment."""
+    import logging
+
     import mlflow
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO chatter (DB migrations) on stderr
     uri = tracking_uri(work_dir)
     if uri.startswith(("http://", "https://")):
         import urllib.error
