@@ -76,18 +76,18 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu)
     ids = torch.randint(0, cfg.vocab_size - 8, (a.batch, seq), generator=g).to(dev)
 
-    def step():
+    def step(model, opt):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     for _ in range(2):
-        step()
+        step(model, opt)
     if gpu:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(a.steps):
-        step()
+        step(model, opt)
     if gpu:
         torch.cuda.synchronize()
     base_tps = a.steps * a.batch * seq / (time.perf_counter() - t0)
