@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
