@@ -9,7 +9,7 @@ from ..errors import CellPuzzlesError
 from ..puzzle import Puzzle
 from .callbacks import MetricsLogger, ValidationAccuracy
 from .model import load_model, lora, save
-from .rl_common import RLOptions, cellpuzzles_reward, completion_budget, format_ok, rl_rows
+from .rl_common import RLOptions, cellpuzzles_reward, completion_budget, format_ok, rl_rows, trainer_args
 from .sft import _latest_checkpoint
 
 
@@ -35,28 +35,18 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
     ckpt = Path(f"{out}.ckpt")
     gen_kwargs = {}
     cfg = GRPOConfig(
-        output_dir=str(ckpt),
+        **trainer_args(opt, str(ckpt)),
         max_steps=opt.max_steps,
-        learning_rate=opt.learning_rate,
         per_device_train_batch_size=opt.prompts_per_step * opt.num_generations,
         num_generations=opt.num_generations,
         beta=opt.beta,
-        temperature=opt.temperature,
         max_completion_length=completion_budget(train, opt),
         reward_weights=[1.0, 0.0],  # the reward, and the format ratio (logged only)
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=opt.save_steps,
-        save_total_limit=2,
-        report_to=[],
-        seed=opt.seed,
         use_vllm=opt.rollout == "vllm",
         vllm_mode="colocate",
         cache_implementation="static" if opt.static_cache else None,
         generation_kwargs=gen_kwargs or None,
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=not os.isatty(2),
         log_completions=False,
     )
     # beta > 0 rebuilds the reference model from config._name_or_path: the model is loaded

@@ -35,7 +35,7 @@ from ..puzzle import Puzzle, is_well_formed
 from ..reward import batch_reward
 from .callbacks import MetricsLogger, ValidationAccuracy
 from .model import PromptOptions, load_model, lora, save
-from .rl_common import RLOptions, completion_budget
+from .rl_common import RLOptions, completion_budget, trainer_args
 
 # PPO's inner loop: passes over each rollout batch. TRL's default of 4 on a GPU; 2 on CPU,
 # the fewest that still exercises the clipped ratio (the first pass is exactly on-policy,
@@ -231,30 +231,20 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
         warnings.warn(f"PPO cannot resume from {ckpt} (TRL 1.12's PPOTrainer has no resume support and does not "
                       f"checkpoint the value model); starting again from {model_path}", stacklevel=2)
     cfg = PPOConfig(
-        output_dir=str(ckpt),
+        **trainer_args(opt, str(ckpt)),
         total_episodes=opt.max_steps * opt.prompts_per_step,  # one rollout per prompt: max_steps PPO steps
         per_device_train_batch_size=opt.prompts_per_step,
         gradient_accumulation_steps=1,
         local_rollout_forward_batch_size=opt.prompts_per_step,
         num_mini_batches=NUM_MINI_BATCHES,
         num_ppo_epochs=PPO_EPOCHS_GPU if cuda else PPO_EPOCHS_CPU,
-        learning_rate=opt.learning_rate,
         kl_coef=opt.beta,
-        temperature=opt.temperature,
         response_length=completion_budget(train, opt),
         stop_token="eos",
         missing_eos_penalty=None,  # the rule reward already gives -1 to anything cut off mid-format
         num_sample_generations=0,  # validation is ValidationAccuracy's job
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=opt.save_steps,
-        save_total_limit=2,
-        report_to=[],
-        seed=opt.seed,
         bf16=bf16,
-        use_cpu=not cuda,
         gradient_checkpointing=False,  # PPOTrainer.train() never turns it on anyway
-        disable_tqdm=not os.isatty(2),
     )
     shown_val = [prompt.apply(p) for p in val[: opt.val_size]]
     trainer = PPOTrainer(

@@ -53,3 +53,15 @@ def rl_rows(puzzles: list[Puzzle], prompt: PromptOptions) -> list[dict]:
 
 def completion_budget(puzzles: list[Puzzle], opt: RLOptions) -> int:
     return opt.max_completion_length or 64 + 32 * max(p.n for p in puzzles)
+
+
+def trainer_args(opt: RLOptions, output_dir: str) -> dict:
+    """Trainer arguments GRPO and PPO share: per-step logging, checkpoints, seed, no reporters."""
+    import os
+
+    import torch
+
+    return dict(output_dir=output_dir, learning_rate=opt.learning_rate, temperature=opt.temperature,
+                logging_steps=1, save_strategy="steps", save_steps=opt.save_steps, save_total_limit=2,
+                report_to=[], seed=opt.seed, use_cpu=not torch.cuda.is_available(),
+                disable_tqdm=not os.isatty(2))
