@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .distill import DistillOptions, distill, read_traces
 from .evaluate import evaluate_model, evaluate_solver
-from .puzzle import Puzzle, read_puzzles
+from .puzzle import read_puzzles
 from .reward import format_table
 from .tracking import flat_params, log_by_n, log_metrics, logged
 
@@ -22,7 +22,7 @@ def _step(name: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
 
 
-def _log_eval(name: str, results: dict[str, dict], out: Path, test: list[Puzzle]) -> None:
+def _log_eval(name: str, results: dict[str, dict], out: Path) -> None:
     import mlflow
 
     for mode, r in results.items():
@@ -84,7 +84,7 @@ def learn(opt, out: Path, lineage: dict) -> tuple[dict[str, dict], dict[str, str
             _step(f"evaluate {name}: free and constrained decoding on {len(test)} test puzzles")
             res = evaluate_model(path, test, out / "eval", name=name, seed=opt.seed)
             models[name] = res
-            _log_eval(name, res, out, test)
+            _log_eval(name, res, out)
             print(format_table({f"{name}/{m}": r for m, r in res.items()}))
 
         if L.model == "tiny":

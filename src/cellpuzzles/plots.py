@@ -43,9 +43,9 @@ def accuracy_by_n(results: dict[str, dict], path: str | os.PathLike) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, r in results.items():
-        ns = sorted(int(n) for n in r["by_n"])
-        ax.plot(ns, [r["by_n"][n]["batch_accuracy"] if n in r["by_n"] else r["by_n"][str(n)]["batch_accuracy"] for n in ns],
-                marker="o", label=name)
+        by_n = {int(n): v for n, v in r["by_n"].items()}  # int keys in memory, str after a JSON round trip
+        ns = sorted(by_n)
+        ax.plot(ns, [by_n[n]["batch_accuracy"] for n in ns], marker="o", label=name)
     ax.set_xlabel("cells per puzzle (N)")
     ax.set_ylabel("batch accuracy")
     ax.set_ylim(0, 1)

@@ -33,7 +33,6 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
     logger = logger or MetricsLogger("rl")
     shown_val = [prompt.apply(p) for p in val[: opt.val_size]]
     ckpt = Path(f"{out}.ckpt")
-    gen_kwargs = {}
     cfg = GRPOConfig(
         **trainer_args(opt, str(ckpt)),
         max_steps=opt.max_steps,
@@ -45,7 +44,6 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
         use_vllm=opt.rollout == "vllm",
         vllm_mode="colocate",
         cache_implementation="static" if opt.static_cache else None,
-        generation_kwargs=gen_kwargs or None,
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         log_completions=False,
     )

@@ -9,7 +9,6 @@ exactly for the reward. The chat template is ChatML.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 
@@ -50,7 +49,3 @@ def train_tokenizer(texts: Iterable[str], cell_types: Iterable[str], genes: Iter
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
-    tokenizer.save_pretrained(str(path))
