@@ -274,6 +274,11 @@ def cmd_run(a) -> int:
     return 0
 
 
+# command modules that register their own subcommands (imports stay light: heavy ones inside functions)
+EXTRA_COMMANDS = [m for m in ("cli_registry", "cli_serve", "cli_pipeline")
+                  if (Path(__file__).parent / f"{m}.py").is_file()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cellpuzzles", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -387,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_synth)
+
+    import importlib
+
+    for mod in EXTRA_COMMANDS:  # each module adds its subcommands with add_commands(sub)
+        importlib.import_module(f"cellpuzzles.{mod}").add_commands(sub)
     return ap
 
 

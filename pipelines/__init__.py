@@ -1,0 +1,1 @@
+"""The retraining pipeline (retrain.py) and its compiled YAML (retrain.yaml)."""
