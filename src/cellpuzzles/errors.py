@@ -14,3 +14,9 @@ class ValidationFailed(CellPuzzlesError):
     """The data failed its expectation suite; the message names the failed expectations."""
 
     exit_code = 3
+
+
+class GateFailed(CellPuzzlesError):
+    """The promotion gate rejected the model; the message names the failed checks. No alias moved."""
+
+    exit_code = 4
