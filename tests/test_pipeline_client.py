@@ -1,0 +1,265 @@
+"""`cellpuzzles pipeline submit | schedule | schedules | unschedule` against a KFP API STAND-IN.
+
+No Kubeflow cluster can run here, so the real CLI (a subprocess running the real
+kfp.Client 2.17) talks to tests/kfp_api_standin.py, a local HTTP server answering the
+v2beta1 endpoints those calls use and recording every request. The tests assert on what
+kfp.Client actually sent: the inline pipeline spec, typed parameters, the cron, the
+no-overlap settings and the Authorization header. Production uses the real KFP server.
+"""
+
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+from kfp import compiler, dsl
+
+from cellpuzzles.errors import CellPuzzlesError
+from cellpuzzles.kfp_remote import kfp_cron, parse_params
+from conftest import run_cli
+from kfp_api_standin import KfpApiStandin
+
+TOKEN = "s3cret-token"
+
+
+@dsl.component(base_image="python:3.11-slim")
+def train_step(data_uri: str, max_steps: int, lr: float, tag: str, dry_run: bool) -> str:
+    return f"{data_uri} {max_steps} {lr} {tag} {dry_run}"
+
+
+@dsl.pipeline(name="tiny-retrain")
+def tiny_pipeline(data_uri: str, max_steps: int = 10, lr: float = 0.001, tag: str = "weekly", dry_run: bool = False):
+    train_step(data_uri=data_uri, max_steps=max_steps, lr=lr, tag=tag, dry_run=dry_run)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pkg") / "tiny.yaml"
+    compiler.Compiler().compile(tiny_pipeline, str(path))
+    return path
+
+
+@pytest.fixture
+def kfp_api():
+    with KfpApiStandin(token=TOKEN) as s:
+        yield s
+
+
+def cli(kfp_api, *args, token=TOKEN, host=None) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess: `cellpuzzles pipeline <cmd> --host <stand-in> ...`, token in $KFP_TOKEN."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KFP_", "KF_PIPELINES"))}
+    if token is not None:
+        env["KFP_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "cellpuzzles.cli", "pipeline", args[0],
+                           "--host", host or kfp_api.url, *map(str, args[1:])],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def one_error_line(r) -> str:
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------- submit ----
+def test_submit_sends_spec_typed_params_and_token(kfp_api, package):
+    r = cli(kfp_api, "submit", "--package", package, "--param", "data_uri=s3://b/cells.h5ad",
+            "--param", "max_steps=200", "--param", "tag=007", "--param", "lr=1e-3", "--param", "dry_run=true",
+            "--run-name", "nightly")
+    assert r.returncode == 0, r.stderr
+    [run_req] = kfp_api.calls("POST", "/runs")
+    body = run_req["body"]
+    assert run_req["headers"]["authorization"] == f"Bearer {TOKEN}"
+    assert body["display_name"] == "nightly"
+    assert body["pipeline_spec"]["pipelineInfo"]["name"] == "tiny-retrain"
+    assert body["pipeline_spec"] == yaml.safe_load(package.read_text())  # the package, inline and whole
+    assert body["runtime_config"]["parameters"] == {"data_uri": "s3://b/cells.h5ad", "max_steps": 200,
+                                                    "tag": "007", "lr": 0.001, "dry_run": True}
+    [exp] = kfp_api.experiments.values()
+    assert exp["display_name"] == "cellpuzzles" and body["experiment_id"] == exp["experiment_id"]
+    [run_id] = kfp_api.runs
+    assert r.stdout.splitlines() == [f"run {run_id} submitted to experiment cellpuzzles at {kfp_api.url}",
+                                     f"{kfp_api.url}/#/runs/details/{run_id}"]
+    # a second submit reuses the experiment; --no-cache turns every task's cache off
+    r = cli(kfp_api, "submit", "--package", package, "--param", "data_uri=x", "--no-cache")
+    assert r.returncode == 0, r.stderr
+    assert len(kfp_api.calls("POST", "/experiments")) == 1 and len(kfp_api.runs) == 2
+    spec = kfp_api.calls("POST", "/runs")[1]["body"]["pipeline_spec"]
+    assert [t["cachingOptions"].get("enableCache", False) for t in spec["root"]["dag"]["tasks"].values()] == [False]
+    assert kfp_api.calls("POST", "/runs")[1]["body"]["runtime_config"]["parameters"] == {"data_uri": "x"}
+
+
+@pytest.mark.parametrize("param, expected", [
+    ("epochs=3", "the pipeline has no parameter 'epochs' (it declares: data_uri, dry_run, lr, max_steps, tag)"),
+    ("max_steps", "--param 'max_steps': expected KEY=VALUE"),
+])
+def test_bad_param_is_one_line_and_sends_nothing(kfp_api, package, param, expected):
+    r = cli(kfp_api, "submit", "--package", package, "--param", "data_uri=x", "--param", param)
+    assert expected in one_error_line(r)
+    assert kfp_api.requests == []
+
+
+def test_missing_required_param_and_missing_package(kfp_api, package, tmp_path):
+    line = one_error_line(cli(kfp_api, "submit", "--package", package))
+    assert "missing required pipeline parameter(s) data_uri: pass --param data_uri=VALUE" in line
+    line = one_error_line(cli(kfp_api, "submit", "--package", tmp_path / "nope.yaml", "--param", "data_uri=x"))
+    assert "nope.yaml: no such file" in line and "cellpuzzles pipeline compile --out" in line
+    assert kfp_api.requests == []
+
+
+def test_wrong_token_is_one_line_auth_error(kfp_api, package):
+    line = one_error_line(cli(kfp_api, "submit", "--package", package, "--param", "data_uri=x", token="wrong"))
+    assert f"KFP API at {kfp_api.url} refused the request (HTTP 401" in line and "$KFP_TOKEN" in line
+    assert kfp_api.runs == {}
+    line = one_error_line(cli(kfp_api, "schedules", token=None))
+    assert "HTTP 401" in line
+
+
+def test_unreachable_host_names_host_and_fix(package):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = f"http://127.0.0.1:{port}"
+    r = run_cli("pipeline", "submit", "--host", host, "--package", package, "--param", "data_uri=x")
+    line = one_error_line(r)
+    assert f"cannot reach the KFP API at {host}" in line and "KFP_HOST" in line and "port-forward" in line
+
+
+def test_no_host_is_one_line(package, monkeypatch):
+    monkeypatch.delenv("KFP_HOST", raising=False)
+    line = one_error_line(run_cli("pipeline", "schedules"))
+    assert "pass --host URL or set KFP_HOST" in line
+
+
+# ---------------------------------------------------------------- schedule ----
+def test_schedule_lifecycle(kfp_api, package):
+    args = ("schedule", "--package", package, "--param", "data_uri=s3://b/c", "--name", "weekly-retrain")
+    r = cli(kfp_api, *args, "--cron", "0 3 * * 1")
+    assert r.returncode == 0, r.stderr
+    [req] = kfp_api.calls("POST", "/recurringruns")
+    body = req["body"]
+    assert req["headers"]["authorization"] == f"Bearer {TOKEN}"
+    assert body["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * 1"}}  # seconds first, as KFP parses it
+    assert str(body["max_concurrency"]) == "1" and body["no_catchup"] is True and body["mode"] == "ENABLE"
+    assert body["display_name"] == "weekly-retrain"
+    assert body["pipeline_spec"] == yaml.safe_load(package.read_text())
+    assert body["runtime_config"]["parameters"] == {"data_uri": "s3://b/c"}
+    [sid] = kfp_api.recurring_runs
+    assert f"id {sid}" in r.stdout and f"{kfp_api.url}/#/recurringrun/details/{sid}" in r.stdout
+
+    # same name, same cron and parameters: reported, not duplicated
+    r = cli(kfp_api, *args, "--cron", "0 0 3 * * 1")
+    assert r.returncode == 0 and "already exists, unchanged" in r.stdout and sid in r.stdout
+    assert len(kfp_api.calls("POST", "/recurringruns")) == 1
+
+    # same name, other cron: refused without --replace, replaced with it
+    line = one_error_line(cli(kfp_api, *args, "--cron", "0 4 * * 1"))
+    assert f"schedule 'weekly-retrain' already exists in experiment 'cellpuzzles' (id {sid}" in line
+    assert "--replace" in line and list(kfp_api.recurring_runs) == [sid]
+    r = cli(kfp_api, *args, "--cron", "0 4 * * 1", "--replace")
+    assert r.returncode == 0 and "replaced" in r.stdout, r.stderr
+    [new_id] = kfp_api.recurring_runs
+    assert new_id != sid and kfp_api.calls("DELETE", f"/recurringruns/{sid}")
+    assert kfp_api.recurring_runs[new_id]["trigger"]["cron_schedule"]["cron"] == "0 0 4 * * 1"
+
+    # list: a header and one row with id, name, cron, status, max concurrency
+    from cellpuzzles.kfp_remote import Connection, create_schedule
+
+    create_schedule(Connection(host=kfp_api.url, token=TOKEN), package, "daily", "@daily", {"data_uri": "x"})
+    r = cli(kfp_api, "schedules")
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert header.split() == ["ID", "NAME", "CRON", "STATUS", "MAX_CONCURRENCY", "NO_CATCHUP"]
+    assert sorted(row.split()[1] for row in rows) == ["daily", "weekly-retrain"]
+    weekly = next(row for row in rows if "weekly-retrain" in row)
+    assert weekly.split()[0] == new_id and "0 0 4 * * 1" in weekly and weekly.split()[-3:] == ["ENABLED", "1", "true"]
+
+    # unschedule by name, then by id; an unknown one is one line
+    r = cli(kfp_api, "unschedule", "weekly-retrain")
+    assert r.returncode == 0 and new_id in r.stdout and new_id not in kfp_api.recurring_runs
+    daily_id = next(iter(kfp_api.recurring_runs))
+    assert cli(kfp_api, "unschedule", daily_id).returncode == 0 and kfp_api.recurring_runs == {}
+    assert "no schedule 'ghost' in experiment" in one_error_line(cli(kfp_api, "unschedule", "ghost"))
+
+
+def test_schedules_pages_through_the_list(kfp_api, package):
+    import cellpuzzles.kfp_remote as remote
+
+    conn = remote.Connection(host=kfp_api.url, token=TOKEN)
+    for i in range(3):  # in-process: the CLI path is covered above
+        remote.create_schedule(conn, package, f"s{i}", f"{i} 3 * * *", {"data_uri": "x"})
+    old, remote.PAGE_SIZE = remote.PAGE_SIZE, 2  # force two pages
+    try:
+        rows = remote.list_schedules(conn)
+    finally:
+        remote.PAGE_SIZE = old
+    assert [(s.name, s.cron) for s in rows] == [("s0", "0 0 3 * * *"), ("s1", "0 1 3 * * *"), ("s2", "0 2 3 * * *")]
+    assert [r["query"].get("page_token") for r in kfp_api.calls("GET", "/recurringruns")][-2:] == [None, "2"]
+
+
+def test_schedules_without_experiment(kfp_api):
+    r = cli(kfp_api, "schedules", "--experiment", "nowhere")
+    assert r.returncode == 0 and "no experiment 'nowhere'" in r.stdout
+    assert kfp_api.calls("POST", "/experiments") == []  # listing never creates
+
+
+def test_bad_cron_is_one_line_and_sends_nothing(kfp_api, package):
+    r = cli(kfp_api, "schedule", "--package", package, "--param", "data_uri=x", "--name", "n", "--cron", "0 25 * * *")
+    line = one_error_line(r)
+    assert "--cron '0 25 * * *': hour field '25' is outside 0-23" in line and "seconds first" in line
+    assert kfp_api.requests == []
+
+
+def test_kfp_cron_conversion():
+    assert kfp_cron("0 3 * * 1") == "0 0 3 * * 1"
+    assert kfp_cron("  */15  2-4 1,15 JAN-mar mon-fri ") == "0 */15 2-4 1,15 JAN-mar mon-fri"
+    assert kfp_cron("30 0 9 ? * 2-6") == "30 0 9 ? * 2-6"
+    assert kfp_cron("@every 1h30m") == "@every 1h30m"
+    for bad, expected in [("0 3 * *", "4 fields"), ("0 3 * * 7", "day-of-week field '7' is outside 0-6"),
+                          ("@fortnightly", "unknown descriptor"), ("", "0 fields"),
+                          ("0 3-1 * * *", "runs backwards"), ("*/0 * * * *", "bad step"),
+                          ("0 3 * * 1 2 3", "7 fields"), ("@every soon", "unknown descriptor"),
+                          ("0 3 * FOO *", "not a number")]:
+        with pytest.raises(CellPuzzlesError, match=re.escape(expected)):
+            kfp_cron(bad)
+
+
+def test_parse_params_types_against_declared_inputs(package):
+    from cellpuzzles.kfp_remote import package_inputs
+
+    declared = package_inputs(package)
+    assert parse_params(["data_uri=[1, 2]", "lr=1", "max_steps=3", "dry_run=false"], declared) == {
+        "data_uri": "[1, 2]", "lr": 1.0, "max_steps": 3, "dry_run": False}  # STRING keeps the text as typed
+    for bad, expected in [("max_steps=abc", "max_steps is NUMBER_INTEGER; give an integer"),
+                          ("max_steps=2.5", "give an integer"), ("max_steps=true", "give an integer"),
+                          ("dry_run=yes", "dry_run is BOOLEAN; give true or false"), ("lr=fast", "give a number"),
+                          ("=3", "expected KEY=VALUE")]:
+        with pytest.raises(CellPuzzlesError, match=re.escape(expected)):
+            parse_params(["data_uri=a", bad], declared)
+    with pytest.raises(CellPuzzlesError, match="given twice"):
+        parse_params(["data_uri=a", "data_uri=b"], declared)
+
+
+# ---------------------------------------------------------------- compile ----
+@pytest.mark.skipif(importlib.util.find_spec("cellpuzzles.pipelines.retrain") is None,
+                    reason="cellpuzzles.pipelines.retrain (the retraining pipeline) is not written yet")
+def test_compile_writes_a_package_submit_accepts(tmp_path, kfp_api):
+    out = tmp_path / "retrain.yaml"
+    r = run_cli("pipeline", "compile", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"wrote {out}"
+    spec = yaml.safe_load(out.read_text().split("\n---")[0])
+    assert spec["pipelineInfo"]["name"] and spec["root"]["dag"]["tasks"]
+    from cellpuzzles.kfp_remote import package_inputs
+
+    declared = package_inputs(out)
+    required = [k for k, d in declared.items() if not d.get("isOptional")]
+    args = [a for k in required for a in ("--param", f"{k}=x")]
+    r = cli(kfp_api, "submit", "--package", out, *args)
+    assert r.returncode == 0, r.stderr
+    assert kfp_api.calls("POST", "/runs")[0]["body"]["pipeline_spec"]
