@@ -52,7 +52,6 @@ def _puzzle_options(a):
 
 def cmd_prepare(a) -> int:
     from .data.bundled import materialise
-
     from .data.versioning import sync_cache
 
     path = materialise(a.dir)
@@ -129,7 +128,12 @@ def _print_split_summary(summary: dict, out: Path) -> None:
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluate import evaluate_solver, load_split_dir, read_predictions, score_predictions
+    from .evaluate import (
+        evaluate_solver,
+        load_split_dir,
+        read_predictions,
+        score_predictions,
+    )
     from .puzzle import read_puzzles
     from .reward import format_by_n, format_table
 
@@ -236,8 +240,8 @@ def cmd_sft(a) -> int:
 def cmd_rl(a) -> int:
     from .puzzle import read_puzzles
     from .train.callbacks import MetricsLogger
-    from .train.rl_common import RLOptions
     from .train.rl import train_rl
+    from .train.rl_common import RLOptions
 
     train = read_puzzles(a.puzzles)
     val = read_puzzles(a.val) if a.val else train[-32:]
@@ -260,18 +264,25 @@ def cmd_synth(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from dataclasses import replace
+    from .run import RunOptions, run
 
-    from .run import LearnOptions, RunOptions, run
-
-    learn = LearnOptions(enabled=not a.no_learn, model=a.model, eval_limit=a.eval_limit,
-                         rl_algos=tuple(a.rl_algo or ("grpo", "ppo")))
-    if a.sft_steps is not None:
-        learn.sft = replace(learn.sft, max_steps=a.sft_steps)
-    if a.rl_steps is not None:
-        learn.rl = replace(learn.rl, max_steps=a.rl_steps)
-    run(RunOptions(data=a.data, out=a.out, column_map=a.map, seed=a.seed, learn=learn))
+    params = dict(_parse_param(x) for x in a.param)
+    for flag, key in (("model", "base_model"), ("sft_steps", "sft_steps"), ("rl_steps", "rl_steps"),
+                      ("rl_algo", "rl_algo"), ("eval_limit", "eval_limit")):
+        if getattr(a, flag) is not None:
+            params[key] = getattr(a, flag)
+    run(RunOptions(data=a.data, out=a.out, column_map=a.map, seed=a.seed, params=params, cache=not a.no_cache))
     return 0
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise CellPuzzlesError(f"--param {text!r}: expected KEY=VALUE, e.g. --param train_per_n=500")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 # command modules that register their own subcommands (imports stay light: heavy ones inside functions)
@@ -283,17 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cellpuzzles", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the main job on the embedded default (or --data): prepare, validate, puzzles, baselines")
+    p = sub.add_parser("run", help="the main job: the retraining pipeline (pipelines/retrain.py) run locally with kfp.local")
     p.add_argument("--data", default=None, help="an .h5ad file (default: the bundled real PBMC data in data/)")
     p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN")
     p.add_argument("--out", default="runs/default", help="output folder (default runs/default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="tiny", help="'tiny' (default, built from scratch) or a Hugging Face model folder")
-    p.add_argument("--no-learn", action="store_true", help="stop after puzzles and the baseline solvers")
+    p.add_argument("--model", default=None, help="'tiny' (default, built from scratch) or a Hugging Face model folder")
     p.add_argument("--sft-steps", type=int, default=None)
     p.add_argument("--rl-steps", type=int, default=None)
-    p.add_argument("--rl-algo", action="append", choices=["grpo", "ppo"], default=None, help="repeatable (default both)")
+    p.add_argument("--rl-algo", choices=["grpo", "ppo"], default=None, help="default grpo")
     p.add_argument("--eval-limit", type=int, default=None, help="decode only the first K test puzzles")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other pipeline parameter (repeatable), e.g. min_batch_accuracy=0.1")
+    p.add_argument("--no-cache", action="store_true", help="rerun every step (default: reuse finished steps in OUT)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("prepare", help="materialise the bundled real dataset into data/ (no network)")

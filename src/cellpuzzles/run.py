@@ -1,164 +1,196 @@
-"""The main job: prepare -> validate -> cells -> puzzles -> baselines -> distill -> SFT ->
-RL (GRPO, PPO) -> evaluate (free and constrained decoding), all logged to MLflow.
+"""The main job: the retraining pipeline (pipelines/retrain.py), executed locally with
+kfp.local's SubprocessRunner — the same definition a Kubeflow cluster runs.
 
-Each step is a library call that reads and writes files under ``out``; ``summary.json``
-is written last and names every output.
+Task outputs go under ``OUT/pipeline/`` (one folder per pipeline run; kfp.local's cache
+under ``OUT/pipeline/.kfp_cache`` lets a rerun reuse finished upstream steps), the full
+task log to ``OUT/pipeline.log``; the terminal shows progress lines. ``OUT/summary.json``
+is written last and names every output, the metrics and the gate decision.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
+import json
+import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__, atomic
-from .data.bundled import FILE_NAME, materialise
-from .data.cells import CellsOptions, build_cells
-from .data.h5ad import parse_column_map
-from .data.sample import PuzzleOptions, make_splits, write_splits
-from .data.validate import validate_cells
-from .errors import CellPuzzlesError, ValidationFailed
-from .evaluate import evaluate_solver, load_split_dir
-from .reward import format_table
-from .train.rl_common import RLOptions
-from .train.sft import SFTOptions
+from .errors import CellPuzzlesError
 
-
-@dataclass
-class LearnOptions:
-    """The learning half of the job. ``model``: 'tiny' or a Hugging Face model folder."""
-
-    enabled: bool = True
-    model: str = "tiny"
-    genes_per_cell: int | None = 6  # genes per cell shown to the tiny model (short prompts, most of the signal)
-    rl_algos: tuple[str, ...] = ("grpo", "ppo")
-    eval_limit: int | None = None  # decode only the first K test puzzles (None: all)
-    sft: SFTOptions = field(default_factory=lambda: SFTOptions(max_steps=900, learning_rate=5e-3))
-    rl: RLOptions = field(default_factory=lambda: RLOptions(max_steps=15, learning_rate=2e-5))
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
 class RunOptions:
-    data: str | None = None  # None: the bundled default under data/
+    data: str | None = None  # None: the bundled real PBMC data, materialised into data/
     out: str = "runs/default"
     column_map: list[str] = field(default_factory=list)
     seed: int = 0
-    cells: CellsOptions = field(default_factory=CellsOptions)
-    puzzles: PuzzleOptions = field(default_factory=lambda: PuzzleOptions(train_per_n=1000, reasoning_fraction=0.5))
-    learn: LearnOptions = field(default_factory=LearnOptions)
+    params: dict = field(default_factory=dict)  # any other pipeline parameter (see pipelines/retrain.py)
+    cache: bool = True  # reuse finished upstream steps of an earlier run into the same OUT
 
 
-def data_lineage(data_file: Path) -> dict:
-    """The data version: the md5 recorded in data.dvc (when the file sits under a DVC-tracked
-    folder) and the md5 of the file itself."""
-    lineage = {"file": str(data_file), "md5": _md5(data_file)}
-    for parent in [data_file.parent, *data_file.parents]:
-        dvc_file = parent.parent / f"{parent.name}.dvc"
-        if dvc_file.is_file():
-            import yaml
+class _Progress(io.TextIOBase):
+    """stdout during the pipeline: every line to the log, progress lines to the terminal."""
 
-            outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
-            lineage.update(dvc_file=str(dvc_file), dvc_md5=outs[0].get("md5"))
-            break
-    return lineage
+    KEEP = re.compile(r"^\s*(\[cellpuzzles |error: )|Executing task|finished with status|cache hit|Cache hit|"
+                      r"\| batch acc|^\s*\S+/(free|constrained)\s")
+
+    def __init__(self, log, term):
+        self.log, self.term, self.buf = log, term, ""
+
+    def write(self, s: str) -> int:
+        self.log.write(s)
+        self.buf += s
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            plain = ANSI.sub("", line)
+            if self.KEEP.search(plain):
+                self.term.write(_short(plain) + "\n")
+                self.term.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        self.log.flush()
 
 
-def _md5(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "md5").hexdigest()
+def _short(line: str) -> str:
+    line = line.strip()
+    m = re.search(r"Executing task '([^']+)'", line)
+    if m:
+        return f"  ▶ {m.group(1)}"
+    m = re.search(r"Task '([^']+)' finished with status (\w+)", line)
+    if m:
+        return f"  {'✓' if m.group(2) == 'SUCCESS' else '✗'} {m.group(1)} {m.group(2).lower()}"
+    return "    " + line.removeprefix("[cellpuzzles ").replace("] ", "  ", 1) if line.startswith("[cellpuzzles") else "    " + line
 
 
-def _step(name: str):
-    print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
+def pipeline_arguments(opt: RunOptions, mlflow_uri: str) -> dict:
+    from .pipelines.retrain import retrain_pipeline
 
-
-def _prepare_data(opt: RunOptions, out: Path) -> tuple[Path, dict, object]:
-    _step("prepare")
-    if opt.data is None:
-        data_file = Path("data") / FILE_NAME
-        if not data_file.is_file():
-            from .data.versioning import sync_cache
-
-            materialise("data")
-            sync_cache(".", "data")
-    else:
-        data_file = Path(opt.data)
-    _step(f"cells: top {opt.cells.top_k} genes per cell from {data_file}")
-    cells = build_cells(data_file, opt.cells)
-    _step("validate")
-    report = validate_cells(cells, out / "validation")
-    print(report.table())
-    if not report.success:
-        raise ValidationFailed(f"{data_file}: {len(report.failed)} expectation(s) failed: " + "; ".join(report.failed))
-    cells.to_parquet(out / "cells.parquet")
-    _step("puzzles")
-    splits, psummary = make_splits(cells, opt.puzzles)
-    write_splits(out / "puzzles", splits, psummary)
-    return data_file, psummary, report
+    declared = retrain_pipeline.component_spec.inputs or {}
+    args = {"data_source": opt.data or "bundled", "column_map": ",".join(opt.column_map), "seed": opt.seed,
+            "repo_dir": os.getcwd(), "mlflow_uri": mlflow_uri, "kserve_apply": False,
+            "artifact_store": "" if mlflow_uri.startswith("sqlite:") else os.environ.get("CELLPUZZLES_ARTIFACT_STORE", ""), **opt.params}
+    unknown = sorted(set(args) - set(declared))
+    if unknown:
+        raise CellPuzzlesError(f"unknown pipeline parameter(s) {', '.join(unknown)}; "
+                               f"known: {', '.join(sorted(declared))}")
+    if opt.data and not Path(opt.data).is_file():
+        raise CellPuzzlesError(f"--data {opt.data}: file not found; give an .h5ad file")
+    if opt.data:
+        args["data_source"] = str(Path(opt.data).resolve())
+    return args
 
 
 def run(opt: RunOptions) -> dict:
-    out = Path(opt.out)
+    import warnings
+
+    import kfp.local
+
+    from .pipelines.retrain import retrain_pipeline
+    from .tracking import connect
+
+    out = Path(opt.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # the completion marker is written last
     t0 = time.time()
-    opt.cells.column_map = parse_column_map(opt.column_map)
-    opt.cells.progress = sys.stderr.isatty()
-    opt.puzzles.seed = opt.seed
-    data_file, psummary, report = _prepare_data(opt, out)  # bad data fails here, before MLflow is touched
-    mlflow_uri = None
-    if opt.learn.enabled:
-        from .tracking import connect
-
-        mlflow_uri = connect(out)  # a configured server that is down fails here, before any training
-    lineage = {**data_lineage(data_file), "puzzle_files": {k: v["sha256"] for k, v in
-                                                            _read_json(out / "puzzles" / "summary.json")["files"].items()}}
-
-    models: dict[str, dict] = {}
-    folders: dict[str, str] = {}
-    run_id = None
-    if opt.learn.enabled:
-        from .learn import learn
-
-        models, folders, run_id = learn(opt, out, lineage)
-    else:
-        _step("baselines: random and marker-gene solvers on the test split")
-        train, test = load_split_dir(out / "puzzles")
-        models = {name: {"free": evaluate_solver(name, train, test, out / "eval", seed=opt.seed)} for name in ("random", "markers")}
-
-    print("\n" + format_table({f"{m}/{mode}": r for m, modes in models.items() for mode, r in modes.items()}))
-    summary = {
-        "version": __version__,
-        "options": asdict(opt),
-        "data": lineage,
-        "validation": {"success": report.success, "summary": str(out / "validation" / "validation.json"),
-                       "data_docs": str(report.docs_index)},
-        "cells": str(out / "cells.parquet"),
-        "puzzles": {"dir": str(out / "puzzles"), **{k: v["puzzles"] for k, v in psummary["splits"].items()}},
-        "models": {name: {mode: {k: v for k, v in m.items() if k != "by_n"} for mode, m in modes.items()}
-                   for name, modes in models.items()},
-        "model_folders": folders,
-        "mlflow": {"tracking_uri": mlflow_uri, "parent_run_id": run_id} if mlflow_uri else None,
-        "wall_seconds": round(time.time() - t0, 1),
-    }
+    mlflow_uri = connect(out)  # a configured server that is down fails here, before any step runs
+    args = pipeline_arguments(opt, mlflow_uri)
+    root = out / "pipeline"
+    root.mkdir(exist_ok=True)
+    failure = root / "failure.txt"
+    failure.unlink(missing_ok=True)
+    os.environ["CELLPUZZLES_FAILURE_FILE"] = str(failure)
+    before = {p.name for p in root.iterdir()}
+    # the steps run in this Python environment, as intended, not in their images
+    warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+                   enable_caching=opt.cache, workspace_root=str(out / "kfp-workspace"))
+    print(f"running the retraining pipeline with kfp.local (task log: {out / 'pipeline.log'})", flush=True)
+    real_stdout = sys.stdout
+    try:
+        with open(out / "pipeline.log", "a") as log:
+            sys.stdout = _Progress(log, real_stdout)
+            try:
+                retrain_pipeline(**args)
+            finally:
+                sys.stdout.flush()
+                sys.stdout = real_stdout
+    except RuntimeError as e:
+        msg = ANSI.sub("", str(e))
+        step = re.findall(r"Inner task failed: '([^']+)'", msg) or re.findall(r"'([^']+)'", msg)
+        reason = failure.read_text().strip().splitlines()[-1] if failure.is_file() else "see the task log"
+        raise CellPuzzlesError(f"pipeline failed at step {step[0] if step else '?'}: {reason} "
+                               f"(full log: {out / 'pipeline.log'})") from None
+    finally:
+        os.environ.pop("CELLPUZZLES_FAILURE_FILE", None)
+    jobs = sorted({p.name for p in root.iterdir() if p.is_dir()} - before - {".kfp_cache"})
+    if not jobs:
+        raise CellPuzzlesError(f"the pipeline finished but wrote no run folder under {root}")
+    summary = collect_summary(root / jobs[-1], opt, args, mlflow_uri, time.time() - t0)
     atomic.write_json(out / "summary.json", summary)
-    ui = f"mlflow ui --backend-store-uri {mlflow_uri}" if mlflow_uri else "(MLflow off)"
-    print(f"\ndone in {summary['wall_seconds']}s. outputs in {out}/:\n"
-          f"  summary.json                      all metrics and model folders\n"
-          f"  validation/data_docs/index.html   data validation report\n"
-          f"  puzzles/                          train/reasoning/test CellPuzzles JSONL\n"
-          f"  models/                           trained model folders (Hugging Face format)\n"
-          f"  eval/                             predictions and metrics per model and decoding mode\n"
-          f"  MLflow: {ui}")
+    print_result(summary, out)
     return summary
 
 
-def _read_json(path: Path) -> dict:
-    import json
+def _find(job: Path, task: str, output: str) -> Path | None:
+    hits = sorted(job.glob(f"**/{task}/{output}"))
+    return hits[0] if hits else None
 
-    return json.loads(path.read_text())
+
+def collect_summary(job: Path, opt: RunOptions, args: dict, mlflow_uri: str, seconds: float) -> dict:
+    from .evaluation_record import read_evaluation
+
+    ev_dir = _find(job, "evaluate", "evaluation")
+    record = read_evaluation(ev_dir) if ev_dir else {"modes": {}}
+    decision_file = _find(job, "gate", "decision")
+    decision = json.loads(decision_file.read_text()) if decision_file else None
+    manifest = _find(job, "deploy", "manifest")
+    baselines = ev_dir / "baselines.json" if ev_dir else None
+    outputs = json.loads((job / "register" / "executor_output.json").read_text()) \
+        if (job / "register" / "executor_output.json").is_file() else {}
+    return {
+        "version": __version__,
+        "options": asdict(opt),
+        "pipeline": {"job": job.name, "folder": str(job), "arguments": args},
+        "models": {args.get("rl_algo", "grpo"): {m: r["metrics"] for m, r in record["modes"].items()}},
+        "baselines": {k: {kk: v[kk] for kk in ("batch_accuracy", "batch_accuracy_ci", "cell_accuracy")}
+                      for k, v in json.loads(baselines.read_text()).items()} if baselines and baselines.is_file() else {},
+        "evaluation": str(ev_dir) if ev_dir else None,
+        "registered_version": (outputs.get("parameterValues") or {}).get("Output"),
+        "gate": decision,
+        "manifest": str(manifest) if manifest else None,
+        "mlflow": {"tracking_uri": mlflow_uri},
+        "wall_seconds": round(seconds, 1),
+    }
 
 
-__all__ = ["RunOptions", "LearnOptions", "run", "CellPuzzlesError"]
+def print_result(s: dict, out: Path) -> None:
+    from .reward import format_table
+
+    rows = {f"{name}/{mode}": m for name, modes in s["models"].items() for mode, m in modes.items()}
+    if rows:
+        print("\n" + format_table(rows))
+    gate = s["gate"]
+    if gate:
+        ev, o = gate.get("evidence") or {}, gate.get("options") or {}
+        why = "; ".join(gate["reasons"]) or (
+            f"batch accuracy {ev.get('batch_accuracy')} >= {o.get('min_batch_accuracy')}, format ratio "
+            f"{ev.get('format_ratio')} >= {o.get('min_format_ratio')}, "
+            + (f"not worse than champion v{ev['champion_version']}" if ev.get("champion_version") else "no champion yet"))
+        print(f"\ngate: {gate['decision'].upper()} for {gate['model']} version {gate['version']} ({why})")
+    uri = s["mlflow"]["tracking_uri"]
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
+    print(f"\ndone in {s['wall_seconds']}s. outputs in {out}/:\n"
+          f"  summary.json      metrics, gate decision and every output's path\n"
+          f"  pipeline/{s['pipeline']['job']}/   each step's outputs (validation data docs, puzzles, models, evaluation)\n"
+          f"  pipeline.log      the full task log\n"
+          + (f"  manifest          {s['manifest']}\n                    apply with: kubectl apply -f {s['manifest']}\n"
+             if s["manifest"] else "  manifest          none (the gate did not pass)\n")
+          + f"  MLflow            {ui}")

@@ -26,13 +26,21 @@ def tracking_uri(work_dir: str | os.PathLike) -> str:
 
 
 def connect(work_dir: str | os.PathLike, experiment: str = EXPERIMENT) -> str:
-    """Point MLflow at the store, check it answers, select the experiment."""
+    """Point MLflow at the store for ``work_dir``, check it answers, select the experiment."""
+    uri = tracking_uri(work_dir)
+    if not uri.startswith(("http://", "https://")):
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    return connect_uri(uri, experiment)
+
+
+def connect_uri(uri: str, experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at ``uri`` (a server, or ``sqlite:///…/mlflow.db`` whose artifacts go to
+    ``mlartifacts/`` beside it), check it answers, select the experiment."""
     import logging
 
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO chatter (DB migrations) on stderr
-    uri = tracking_uri(work_dir)
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
@@ -45,15 +53,30 @@ def connect(work_dir: str | os.PathLike, experiment: str = EXPERIMENT) -> str:
                 f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}); start it, fix "
                 "MLFLOW_TRACKING_URI, or unset it to log to a local store"
             ) from None
-    else:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:") and not os.environ.get("MLFLOW_ARTIFACT_ROOT"):
-        art = (Path(work_dir).resolve() / "mlartifacts").as_uri()
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
         if mlflow.get_experiment_by_name(experiment) is None:
-            mlflow.create_experiment(experiment, artifact_location=art)
+            mlflow.create_experiment(experiment, artifact_location=(db.parent.resolve() / "mlartifacts").as_uri())
     mlflow.set_experiment(experiment)
     return uri
+
+
+@contextlib.contextmanager
+def step_run(uri: str | None, step: str, params: dict | None = None, tags: dict | None = None) -> Iterator[str | None]:
+    """One MLflow run for one pipeline step (tag ``cellpuzzles.step``); yields its run id,
+    or None when ``uri`` is empty (tracking off)."""
+    if not uri:
+        yield None
+        return
+    import mlflow
+
+    connect_uri(uri)
+    with logged(f"the {step} step"), mlflow.start_run(run_name=step, tags={"cellpuzzles.step": step, **(tags or {})}) as r:
+        if params:
+            mlflow.log_params(flat_params(params))
+        yield r.info.run_id
 
 
 @contextlib.contextmanager

@@ -1,0 +1,59 @@
+"""distill, sft, rl, evaluate: the learning steps (training image; GPU placement is set in the pipeline)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from .placement import TRAIN_IMAGE
+
+
+@dsl.component(base_image=TRAIN_IMAGE)
+def distill(puzzle_set: Input[Dataset], teacher: str, teacher_base_url: str, teacher_model: str, attempts: int,
+            mlflow_uri: str, traces: Output[Dataset], metrics: Output[Metrics]) -> str:
+    """Reasoning traces from a teacher (markers, or any OpenAI-compatible endpoint), kept when right."""
+    from cellpuzzles.steps import DistillStepOptions, distill_step, run_step
+
+    opt = DistillStepOptions(teacher=teacher, base_url=teacher_base_url, teacher_model=teacher_model, attempts=attempts)
+    r = run_step("distill", distill_step, puzzle_set.path, traces.path, opt, mlflow_uri)
+    metrics.log_metric("accepted", r["accepted"])
+    metrics.log_metric("acceptance_rate", r["acceptance_rate"])
+    return r["mlflow_run_id"]
+
+
+@dsl.component(base_image=TRAIN_IMAGE)
+def sft(traces: Input[Dataset], base_model: str, steps: int, learning_rate: float, batch_size: int, seed: int,
+        mlflow_uri: str, model: Output[Model]) -> str:
+    """Supervised fine-tuning (TRL SFTTrainer) on the distilled traces; 'tiny' builds the default model."""
+    import os
+    from dataclasses import replace
+
+    from cellpuzzles.steps import SFTStepOptions, run_step, sft_step
+
+    opt = SFTStepOptions(model=base_model, seed=seed)
+    opt.sft = replace(opt.sft, max_steps=steps, learning_rate=learning_rate, batch_size=batch_size)
+    r = run_step("sft", sft_step, os.path.join(traces.path, "traces.jsonl"), model.path, opt, mlflow_uri)
+    return r["mlflow_run_id"]
+
+
+@dsl.component(base_image=TRAIN_IMAGE)
+def rl(puzzle_set: Input[Dataset], sft_model: Input[Model], algo: str, steps: int, learning_rate: float, beta: float,
+       seed: int, mlflow_uri: str, model: Output[Model]) -> str:
+    """RL with the batch-level reward: GRPO (TRL GRPOTrainer) or PPO (TRL experimental PPOTrainer)."""
+    from cellpuzzles.steps import rl_step, run_step
+    from cellpuzzles.train.rl_common import RLOptions
+
+    opt = RLOptions(algo=algo, max_steps=steps, learning_rate=learning_rate, beta=beta, seed=seed)
+    r = run_step("rl", rl_step, puzzle_set.path, sft_model.path, model.path, opt, mlflow_uri)
+    return r["mlflow_run_id"]
+
+
+@dsl.component(base_image=TRAIN_IMAGE)
+def evaluate(model: Input[Model], puzzle_set: Input[Dataset], name: str, limit: int, seed: int, mlflow_uri: str,
+             evaluation: Output[Artifact], metrics: Output[Metrics]) -> str:
+    """Free and constrained decoding on the held-out test split → the evaluation record."""
+    from cellpuzzles.steps import evaluate_step, run_step
+
+    r = run_step("evaluate", evaluate_step, model.path, puzzle_set.path, evaluation.path, name, limit, seed, mlflow_uri)
+    for mode, m in r["metrics"].items():
+        for k, v in m.items():
+            metrics.log_metric(f"{mode}_{k}", v)
+    return r["mlflow_run_id"]

@@ -1,0 +1,141 @@
+"""The retraining pipeline: validate → puzzles → distill → sft → rl → evaluate → register →
+gate → deploy (only when the gate passes), with an exit handler that records the outcome
+in MLflow.
+
+GPU placement is declared here, at the call site, by one helper (``on_gpu``); images and the
+node pool live in components/placement.py. Caching is off for evaluate, register, gate and
+deploy: a cached evaluation must never promote a model. ``compile_pipeline`` writes the
+committed ``retrain.yaml``; ``cellpuzzles run`` executes this same definition with kfp.local.
+"""
+
+
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+
+from ..components.data import puzzles, validate
+from ..components.learning import distill, evaluate, rl, sft
+from ..components.placement import (
+    GPU_ACCELERATOR,
+    GPU_NODE_SELECTOR,
+    GPU_TOLERATION,
+    MLFLOW_SECRET,
+    TEACHER_SECRET,
+)
+from ..components.release import deploy, gate, record_status, register
+
+PIPELINE_YAML = Path(__file__).with_name("retrain.yaml")
+NAME = "cellpuzzles-retrain"
+
+
+def on_gpu(task: dsl.PipelineTask, count: int = 1) -> dsl.PipelineTask:
+    """Run ``task`` on the GPU node pool: accelerator type and count, node selector, toleration."""
+    task.set_accelerator_type(GPU_ACCELERATOR).set_accelerator_limit(count)
+    for key, value in GPU_NODE_SELECTOR.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    kubernetes.add_toleration(task, **GPU_TOLERATION)
+    return task
+
+
+def with_mlflow(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """MLflow credentials from the cluster secret (optional: a server without auth needs none)."""
+    name, keys = MLFLOW_SECRET
+    kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env=keys, optional=True)
+    return task
+
+
+def uncached(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    return task.set_caching_options(enable_caching=False)
+
+
+@dsl.pipeline(name=NAME, description="Retrain, gate and deploy a CellPuzzles cell-type annotation model.")
+def retrain_pipeline(
+    # data: source ("bundled" or an .h5ad path in the repository) and version (a git revision whose data.dvc to fetch)
+    data_source: str = "bundled",
+    data_version: str = "",
+    repo_dir: str = ".",
+    column_map: str = "",
+    top_k: int = 50,
+    # puzzles
+    n_min: int = 3,
+    n_max: int = 15,
+    train_per_n: int = 1000,
+    test_per_n: int = 50,
+    split_by: str = "cells",
+    reasoning_fraction: float = 0.5,
+    seed: int = 0,
+    # distillation
+    teacher: str = "markers",
+    teacher_base_url: str = "",
+    teacher_model: str = "",
+    teacher_attempts: int = 1,
+    # model and training
+    base_model: str = "tiny",
+    sft_steps: int = 900,
+    sft_learning_rate: float = 5e-3,
+    sft_batch_size: int = 32,
+    rl_algo: str = "grpo",
+    rl_steps: int = 15,
+    rl_learning_rate: float = 2e-5,
+    rl_beta: float = 0.001,
+    eval_limit: int = 0,
+    # gate
+    model_name: str = "cellpuzzles",
+    min_batch_accuracy: float = 0.02,
+    min_format_ratio: float = 0.95,
+    tolerance: float = 0.02,
+    margin: float = 0.0,
+    # tracking and serving
+    mlflow_uri: str = "http://mlflow.cellpuzzles.svc.cluster.local:5000",
+    kserve_namespace: str = "cellpuzzles",
+    kserve_apply: bool = True,
+    storage_uri: str = "",  # override for the model's location; default: the version's source
+    artifact_store: str = "s3://cellpuzzles-mlflow/artifacts",  # the MLflow server's --artifacts-destination
+    serve_gpus: int = 0,
+    min_replicas: int = 1,
+    max_replicas: int = 2,
+    canary_percent: int = 0,
+):
+    job = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+    final = with_mlflow(record_status(job_name=job, mlflow_uri=mlflow_uri))
+    with dsl.ExitHandler(final, name="retrain"):
+        data = with_mlflow(validate(data_source=data_source, data_version=data_version, repo_dir=repo_dir,
+                                    column_map=column_map, top_k=top_k, mlflow_uri=mlflow_uri))
+        pz = with_mlflow(puzzles(cells=data.outputs["cells"], n_min=n_min, n_max=n_max, train_per_n=train_per_n,
+                                 test_per_n=test_per_n, split_by=split_by, reasoning_fraction=reasoning_fraction,
+                                 seed=seed, mlflow_uri=mlflow_uri))
+        # the teachers here are rule-based (markers) or remote (openai): distill needs no GPU
+        ds = with_mlflow(distill(puzzle_set=pz.outputs["puzzle_set"], teacher=teacher,
+                                 teacher_base_url=teacher_base_url, teacher_model=teacher_model,
+                                 attempts=teacher_attempts, mlflow_uri=mlflow_uri))
+        name, keys = TEACHER_SECRET
+        kubernetes.use_secret_as_env(ds, secret_name=name, secret_key_to_env=keys, optional=True)
+        st = on_gpu(with_mlflow(sft(traces=ds.outputs["traces"], base_model=base_model, steps=sft_steps,
+                                    learning_rate=sft_learning_rate, batch_size=sft_batch_size, seed=seed,
+                                    mlflow_uri=mlflow_uri)))
+        rt = on_gpu(with_mlflow(rl(puzzle_set=pz.outputs["puzzle_set"], sft_model=st.outputs["model"], algo=rl_algo,
+                                   steps=rl_steps, learning_rate=rl_learning_rate, beta=rl_beta, seed=seed,
+                                   mlflow_uri=mlflow_uri)))
+        ev = on_gpu(uncached(with_mlflow(evaluate(model=rt.outputs["model"], puzzle_set=pz.outputs["puzzle_set"],
+                                                  name=rl_algo, limit=eval_limit, seed=seed, mlflow_uri=mlflow_uri))))
+        rg = uncached(with_mlflow(register(
+            model=rt.outputs["model"], evaluation=ev.outputs["evaluation"], model_name=model_name, job_name=job,
+            mlflow_uri=mlflow_uri, data_version=data.outputs["data_version"],
+            validate_run=data.outputs["mlflow_run_id"], puzzles_run=pz.outputs["Output"], distill_run=ds.outputs["Output"],
+            sft_run=st.outputs["Output"], rl_run=rt.outputs["Output"], evaluate_run=ev.outputs["Output"], base_model=base_model, rl_algo=rl_algo,
+            seed=seed)))
+        gt = uncached(with_mlflow(gate(model_name=model_name, version=rg.output, min_batch_accuracy=min_batch_accuracy,
+                                       min_format_ratio=min_format_ratio, tolerance=tolerance, margin=margin,
+                                       mlflow_uri=mlflow_uri)))
+        with dsl.If(gt.outputs["Output"] == "pass", name="gate-passed"):
+            uncached(with_mlflow(deploy(model_name=model_name, version=rg.output, namespace=kserve_namespace,
+                                        storage_uri=storage_uri, artifact_store=artifact_store, apply=kserve_apply, gpus=serve_gpus,
+                                        min_replicas=min_replicas, max_replicas=max_replicas,
+                                        canary_percent=canary_percent, mlflow_uri=mlflow_uri)))
+
+
+def compile_pipeline(path: str | Path = PIPELINE_YAML) -> Path:
+    """Write the pipeline package (IR YAML) that a Kubeflow endpoint runs."""
+    compiler.Compiler().compile(retrain_pipeline, str(path))
+    return Path(path)
+
