@@ -21,7 +21,8 @@ errors as a google.rpc.Status-shaped JSON body, and rejects a recurring run whos
 does not have 6 fields or a descriptor (the server parses it with ``robfig/cron`` v1).
 
 ``token``: when set, every request must carry ``Authorization: Bearer <token>`` or gets
-401. Every request is recorded in ``requests`` (method, path, query, headers, body) so
+401; with ``login_page=True`` it gets what an auth proxy in front of the Kubeflow
+dashboard sends instead: a 302 to ``/dex/auth`` that answers an HTML login page. Every request is recorded in ``requests`` (method, path, query, headers, body) so
 tests can assert on what the client actually sent.
 """
 
@@ -42,8 +43,9 @@ def _now() -> str:
 
 
 class KfpApiStandin:
-    def __init__(self, token: str | None = None, multi_user: bool = False):
+    def __init__(self, token: str | None = None, multi_user: bool = False, login_page: bool = False):
         self.token = token
+        self.login_page = login_page
         self.multi_user = multi_user
         self.requests: list[dict] = []
         self.experiments: dict[str, dict] = {}
@@ -180,6 +182,19 @@ class KfpApiStandin:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _login(self, parts) -> None:
+                if parts.path == "/dex/auth":
+                    page = b"<html><body><form>Log in to Kubeflow</form></body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                else:
+                    page = b""
+                    self.send_response(302)
+                    self.send_header("Location", "/dex/auth?client_id=kubeflow-oidc-authservice")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
             def _handle(self, method: str) -> None:
                 parts = urlsplit(self.path)
                 query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
@@ -190,6 +205,9 @@ class KfpApiStandin:
                     standin.requests.append({"method": method, "path": parts.path, "query": query,
                                              "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
                     if standin.token is not None and self.headers.get("Authorization") != f"Bearer {standin.token}":
+                        if standin.login_page:
+                            self._login(parts)
+                            return
                         status, out = _error(401, 16, "Unauthenticated: no valid bearer token in Authorization")
                     else:
                         status, out = standin._route(method, parts.path, query, body)

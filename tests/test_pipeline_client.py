@@ -16,12 +16,12 @@ import sys
 
 import pytest
 import yaml
+from conftest import run_cli
 from kfp import compiler, dsl
+from kfp_api_standin import KfpApiStandin
 
 from cellpuzzles.errors import CellPuzzlesError
 from cellpuzzles.kfp_remote import kfp_cron, parse_params
-from conftest import run_cli
-from kfp_api_standin import KfpApiStandin
 
 TOKEN = "s3cret-token"
 
@@ -72,6 +72,7 @@ def test_submit_sends_spec_typed_params_and_token(kfp_api, package):
             "--param", "max_steps=200", "--param", "tag=007", "--param", "lr=1e-3", "--param", "dry_run=true",
             "--run-name", "nightly")
     assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # no kfp warnings or "Run details:" noise
     [run_req] = kfp_api.calls("POST", "/runs")
     body = run_req["body"]
     assert run_req["headers"]["authorization"] == f"Bearer {TOKEN}"
@@ -89,6 +90,7 @@ def test_submit_sends_spec_typed_params_and_token(kfp_api, package):
     r = cli(kfp_api, "submit", "--package", package, "--param", "data_uri=x", "--no-cache")
     assert r.returncode == 0, r.stderr
     assert len(kfp_api.calls("POST", "/experiments")) == 1 and len(kfp_api.runs) == 2
+    assert len(kfp_api.calls("GET", "/healthz")) == 2  # one health check per command
     spec = kfp_api.calls("POST", "/runs")[1]["body"]["pipeline_spec"]
     assert [t["cachingOptions"].get("enableCache", False) for t in spec["root"]["dag"]["tasks"].values()] == [False]
     assert kfp_api.calls("POST", "/runs")[1]["body"]["runtime_config"]["parameters"] == {"data_uri": "x"}
@@ -118,6 +120,13 @@ def test_wrong_token_is_one_line_auth_error(kfp_api, package):
     assert kfp_api.runs == {}
     line = one_error_line(cli(kfp_api, "schedules", token=None))
     assert "HTTP 401" in line
+
+
+def test_login_page_instead_of_api_is_one_line(package):
+    with KfpApiStandin(token=TOKEN, login_page=True) as dashboard:
+        line = one_error_line(cli(dashboard, "submit", "--package", package, "--param", "data_uri=x", token=None))
+        assert f"{dashboard.url}/apis/v2beta1/healthz answered with a non-API page (text/html" in line
+        assert "$KFP_TOKEN" in line and dashboard.runs == {}
 
 
 def test_unreachable_host_names_host_and_fix(package):
@@ -190,7 +199,7 @@ def test_schedule_lifecycle(kfp_api, package):
 def test_schedules_pages_through_the_list(kfp_api, package):
     import cellpuzzles.kfp_remote as remote
 
-    conn = remote.Connection(host=kfp_api.url, token=TOKEN)
+    conn = remote.Connection(host=kfp_api.url, token=TOKEN, namespace="team-a")
     for i in range(3):  # in-process: the CLI path is covered above
         remote.create_schedule(conn, package, f"s{i}", f"{i} 3 * * *", {"data_uri": "x"})
     old, remote.PAGE_SIZE = remote.PAGE_SIZE, 2  # force two pages
@@ -198,14 +207,19 @@ def test_schedules_pages_through_the_list(kfp_api, package):
         rows = remote.list_schedules(conn)
     finally:
         remote.PAGE_SIZE = old
+    [exp] = kfp_api.experiments.values()
+    assert exp["namespace"] == "team-a"  # multi-user mode: the experiment lives in the profile namespace
     assert [(s.name, s.cron) for s in rows] == [("s0", "0 0 3 * * *"), ("s1", "0 1 3 * * *"), ("s2", "0 2 3 * * *")]
     assert [r["query"].get("page_token") for r in kfp_api.calls("GET", "/recurringruns")][-2:] == [None, "2"]
 
 
 def test_schedules_without_experiment(kfp_api):
-    r = cli(kfp_api, "schedules", "--experiment", "nowhere")
+    r = cli(kfp_api, "schedules", "--experiment", "nowhere", "--namespace", "team-a")
     assert r.returncode == 0 and "no experiment 'nowhere'" in r.stdout
     assert kfp_api.calls("POST", "/experiments") == []  # listing never creates
+    [lookup] = kfp_api.calls("GET", "/experiments")
+    assert lookup["query"]["namespace"] == "team-a"
+    assert len(kfp_api.calls("GET", "/healthz")) == 1  # one health check, not kfp's 5 retries
 
 
 def test_bad_cron_is_one_line_and_sends_nothing(kfp_api, package):
