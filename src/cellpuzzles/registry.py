@@ -118,21 +118,12 @@ def register(model_dir: str | os.PathLike, eval_dir: str | os.PathLike, name: st
             run_id = c.create_run(exp.experiment_id, run_name=f"register-{name}").info.run_id
             owned = True
         else:
-            c.get_run(run_id)  # unknown run: clear error below
             owned = False
         source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
         try:
             c.get_registered_model(name)
         except MlflowException:
             c.create_registered_model(name, description="CellPuzzles models; aliases: challenger, champion, previous")
-        mv = _find_version(c, name, run_id, source)
-        if mv is None:
-            c.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
-            c.log_artifacts(run_id, str(eval_dir), EVAL_ARTIFACT)
-            mv = c.create_model_version(name, source=source, run_id=run_id)
-        version = str(mv.version)
-        if mv.tags.get(REGISTERED_TAG) == "true":
-            return version  # a retry of a finished registration: nothing moves
         all_tags = {**metric_tags(record), "test_sha256": record["test_sha256"],
                     "n_puzzles": str(record.get("n_puzzles", "")), "evaluated_model": str(record.get("model", "")),
                     "code_version": code_version(), "model_dir": str(model_dir)}
@@ -141,8 +132,18 @@ def register(model_dir: str | os.PathLike, eval_dir: str | os.PathLike, name: st
         if config is not None:
             all_tags["config"] = json.dumps(config, sort_keys=True, default=str)[:5000]
         all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
-        for k, v in all_tags.items():
-            c.set_model_version_tag(name, version, k, v)
+        mv = _find_version(c, name, run_id, source)
+        if mv is None:
+            c.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+            c.log_artifacts(run_id, str(eval_dir), EVAL_ARTIFACT)
+            mv = c.create_model_version(name, source=source, run_id=run_id, tags=all_tags)  # one call, not one per tag
+        elif mv.tags.get(REGISTERED_TAG) == "true":
+            return str(mv.version)  # a retry of a finished registration: nothing moves
+        else:  # a registration cut short: complete its tags
+            for k, v in all_tags.items():
+                if mv.tags.get(k) != v:
+                    c.set_model_version_tag(name, str(mv.version), k, v)
+        version = str(mv.version)
         c.set_registered_model_alias(name, CHALLENGER, version)
         c.set_model_version_tag(name, version, REGISTERED_TAG, "true")
         if owned:
