@@ -114,7 +114,7 @@ def add_commands(sub) -> None:
     p.add_argument("--runtime", choices=["cellpuzzles", "vllm"], default="cellpuzzles",
                    help="cellpuzzles: the project's predictor; vllm: KServe HF runtime on vLLM + the project's transformer")
     p.add_argument("--service", default="cellpuzzles", help="InferenceService name")
-    p.add_argument("--namespace", default="default")
+    p.add_argument("--namespace", default="cellpuzzles", help="namespace with the cellpuzzles-runtime ServingRuntime (default cellpuzzles)")
     p.add_argument("--storage-uri", default=None, help="model location KServe fetches (overrides the version's source)")
     p.add_argument("--artifact-store", default=None, metavar="URI",
                    help="s3://|gs:// location of the MLflow server's --artifacts-destination (env CELLPUZZLES_ARTIFACT_STORE)")

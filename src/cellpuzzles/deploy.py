@@ -11,7 +11,7 @@ storageUri: a version's source is its run's ``model`` artifact. With a proxied M
 that is ``mlflow-artifacts:/<experiment>/<run>/artifacts/model``, which KServe's storage
 initializer cannot fetch. The server keeps it at ``<artifacts-destination>/<same path>``,
 so pass that destination as ``--artifact-store s3://bucket/prefix`` (or set
-``CELLPUZZLES_ARTIFACT_STORE``) and the URI is rewritten; or give ``--storage-uri`` outright.
+``CELLPUZZLES_ARTIFACT_STORE``; infra/k8s/mlflow.yaml's ``artifacts-destination``) and the URI is rewritten; or give ``--storage-uri`` outright.
 A source that is already ``s3://``, ``gs://``, ``pvc://``, ``hf://`` or ``https://`` is used as is.
 
 Apply (``--apply``): create or patch through KServeClient (kubeconfig or in-cluster config),
@@ -45,7 +45,7 @@ class DeployOptions:
     version: str | None = None  # a version number; default: the alias below
     alias: str = "champion"
     service: str = "cellpuzzles"  # InferenceService name
-    namespace: str = "default"
+    namespace: str = "cellpuzzles"  # where infra/ puts the ServingRuntime
     runtime: str = "cellpuzzles"  # or "vllm"
     storage_uri: str | None = None  # overrides the version's source
     artifact_store: str | None = None  # where mlflow-artifacts:/ lives (the server's --artifacts-destination)
@@ -114,7 +114,7 @@ def _resources(cpu: str, memory: str, gpus: int):
     return k8s.V1ResourceRequirements(requests=dict(want), limits=dict(want))
 
 
-def build_inference_service(service: str, storage_uri: str, *, namespace: str = "default", runtime: str = "cellpuzzles",
+def build_inference_service(service: str, storage_uri: str, *, namespace: str = "cellpuzzles", runtime: str = "cellpuzzles",
                             gpus: int | None = None, cpu: str = "2", memory: str = "8Gi", min_replicas: int = 1,
                             max_replicas: int = 1, canary_traffic_percent: int | None = None,
                             service_account: str | None = None, labels: dict[str, str] | None = None):
