@@ -15,11 +15,11 @@ def validate(data_source: str, data_version: str, repo_dir: str, column_map: str
     """Fetch the data version (dvc), build the cells table, run the Great Expectations suite."""
     from collections import namedtuple
 
-    from cellpuzzles.steps import DataOptions, data_step, run_step
+    from cellpuzzles.steps import DataOptions, data_step, log_kfp_metrics, run_step
 
     opt = DataOptions(source=data_source, version=data_version, repo_dir=repo_dir, column_map=column_map, top_k=top_k)
     r = run_step("validate", data_step, opt, cells.path, validation.path, mlflow_uri)
-    metrics.log_metric("cells", r["cells"])
+    log_kfp_metrics(metrics, {"cells": r["cells"]})
     cells.metadata["data_version"] = r["data_version"]
     return namedtuple("ValidateOutputs", ["data_version", "mlflow_run_id"])(r["data_version"], r["mlflow_run_id"])
 
@@ -30,14 +30,12 @@ def puzzles(cells: Input[Dataset], n_min: int, n_max: int, train_per_n: int, tes
             metrics: Output[Metrics]) -> str:
     """Sample train/reasoning/test CellPuzzles without leakage; score the baseline solvers."""
     from cellpuzzles.data.sample import PuzzleOptions
-    from cellpuzzles.steps import puzzles_step, run_step
+    from cellpuzzles.steps import log_kfp_metrics, puzzles_step, run_step
 
     opt = PuzzleOptions(n_min=n_min, n_max=n_max, train_per_n=train_per_n, test_per_n=test_per_n,
                         split_by=split_by, reasoning_fraction=reasoning_fraction, seed=seed)
     r = run_step("puzzles", puzzles_step, cells.path, puzzle_set.path, opt, mlflow_uri)
-    for name, acc in r["baselines"].items():
-        metrics.log_metric(f"{name}_batch_accuracy", acc)
-    for split in ("train", "reasoning", "test"):
-        if split in r:
-            metrics.log_metric(f"{split}_puzzles", r[split])
+    values = {f"{name}_batch_accuracy": acc for name, acc in r["baselines"].items()}
+    values.update({f"{split}_puzzles": r[split] for split in ("train", "reasoning", "test") if split in r})
+    log_kfp_metrics(metrics, values)
     return r["mlflow_run_id"]

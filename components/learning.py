@@ -10,12 +10,11 @@ from .placement import TRAIN_IMAGE
 def distill(puzzle_set: Input[Dataset], teacher: str, teacher_base_url: str, teacher_model: str, attempts: int,
             mlflow_uri: str, traces: Output[Dataset], metrics: Output[Metrics]) -> str:
     """Reasoning traces from a teacher (markers, or any OpenAI-compatible endpoint), kept when right."""
-    from cellpuzzles.steps import DistillStepOptions, distill_step, run_step
+    from cellpuzzles.steps import DistillStepOptions, distill_step, log_kfp_metrics, run_step
 
     opt = DistillStepOptions(teacher=teacher, base_url=teacher_base_url, teacher_model=teacher_model, attempts=attempts)
     r = run_step("distill", distill_step, puzzle_set.path, traces.path, opt, mlflow_uri)
-    metrics.log_metric("accepted", r["accepted"])
-    metrics.log_metric("acceptance_rate", r["acceptance_rate"])
+    log_kfp_metrics(metrics, {"accepted": r["accepted"], "acceptance_rate": r["acceptance_rate"]})
     return r["mlflow_run_id"]
 
 
@@ -50,10 +49,8 @@ def rl(puzzle_set: Input[Dataset], sft_model: Input[Model], algo: str, steps: in
 def evaluate(model: Input[Model], puzzle_set: Input[Dataset], name: str, limit: int, seed: int, mlflow_uri: str,
              evaluation: Output[Artifact], metrics: Output[Metrics]) -> str:
     """Free and constrained decoding on the held-out test split → the evaluation record."""
-    from cellpuzzles.steps import evaluate_step, run_step
+    from cellpuzzles.steps import evaluate_step, log_kfp_metrics, run_step
 
     r = run_step("evaluate", evaluate_step, model.path, puzzle_set.path, evaluation.path, name, limit, seed, mlflow_uri)
-    for mode, m in r["metrics"].items():
-        for k, v in m.items():
-            metrics.log_metric(f"{mode}_{k}", v)
+    log_kfp_metrics(metrics, {f"{mode}_{k}": v for mode, m in r["metrics"].items() for k, v in m.items()})
     return r["mlflow_run_id"]

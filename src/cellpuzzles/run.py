@@ -63,6 +63,9 @@ def _short(line: str) -> str:
     m = re.search(r"Executing task '([^']+)'", line)
     if m:
         return f"  ▶ {m.group(1)}"
+    m = re.search(r"Task '?([\w-]+)'? cache hit", line)
+    if m:
+        return f"  ↺ {m.group(1)} (cached: reused from an earlier run)"
     m = re.search(r"Task '([^']+)' finished with status (\w+)", line)
     if m:
         return f"  {'✓' if m.group(2) == 'SUCCESS' else '✗'} {m.group(1)} {m.group(2).lower()}"

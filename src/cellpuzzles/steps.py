@@ -253,3 +253,12 @@ def run_step(name: str, fn, *args, **kwargs):
             with open(target, "a") as fh:
                 fh.write(f"{name}: {e}\n")
         raise SystemExit(e.exit_code) from None
+
+
+def log_kfp_metrics(artifact, values: dict) -> None:
+    """Log scalars on a kfp ``Metrics`` output and also write them to its file: kfp keeps
+    metrics in metadata only, and kfp.local's cache treats an output with no file as
+    missing, so a step with metrics would never be reused."""
+    for k, v in values.items():
+        artifact.log_metric(k, float(v))
+    atomic.write_json(artifact.path, {k: float(v) for k, v in values.items()})
