@@ -40,7 +40,7 @@ def instance(p, mode: str | None = None, ids: bool = True) -> dict:
     from cellpuzzles.puzzle import parse_context
 
     x = {"context": parse_context(p.context) or p.context,
-         "cells": [{"id": f"c{i}", "genes": g} if ids else {"genes": g} for i, g in enumerate(p.genes)],
+         "cells": [{"id": f"c{i}", "genes": list(g)} if ids else {"genes": list(g)} for i, g in enumerate(p.genes)],
          "candidates": list(reversed(p.candidates))}
     if mode:
         x["mode"] = mode
