@@ -97,7 +97,7 @@ def retrain_pipeline(
     canary_percent: int = 0,
 ):
     job = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-    final = with_mlflow(record_status(job_name=job, mlflow_uri=mlflow_uri))
+    final = uncached(with_mlflow(record_status(job_name=job, mlflow_uri=mlflow_uri)))  # the job name is a placeholder: a cache key would not see it
     with dsl.ExitHandler(final, name="retrain"):
         data = with_mlflow(validate(data_source=data_source, data_version=data_version, repo_dir=repo_dir,
                                     column_map=column_map, top_k=top_k, mlflow_uri=mlflow_uri))

@@ -21,6 +21,7 @@ from pathlib import Path
 from . import __version__, atomic
 from .errors import CellPuzzlesError
 
+CACHEABLE = ("validate", "puzzles", "distill", "sft", "rl")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -166,6 +167,7 @@ def collect_summary(job: Path, opt: RunOptions, args: dict, mlflow_uri: str, sec
         "baselines": {k: {kk: v[kk] for kk in ("batch_accuracy", "batch_accuracy_ci", "cell_accuracy")}
                       for k, v in json.loads(baselines.read_text()).items()} if baselines and baselines.is_file() else {},
         "evaluation": str(ev_dir) if ev_dir else None,
+        "reused_steps": [s for s in CACHEABLE if not (job / s).is_dir()],  # kfp.local cache hits
         "registered_version": (outputs.get("parameterValues") or {}).get("Output"),
         "gate": decision,
         "manifest": str(manifest) if manifest else None,
@@ -177,6 +179,8 @@ def collect_summary(job: Path, opt: RunOptions, args: dict, mlflow_uri: str, sec
 def print_result(s: dict, out: Path) -> None:
     from .reward import format_table
 
+    if s["reused_steps"]:
+        print(f"reused from an earlier run (kfp cache): {', '.join(s['reused_steps'])}")
     rows = {f"{name}/{mode}": m for name, modes in s["models"].items() for mode, m in modes.items()}
     if rows:
         print("\n" + format_table(rows))
