@@ -14,29 +14,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
+    """The data half of the main job through the step commands: prepare, puzzles, baselines."""
     work = tmp_path_factory.mktemp("work")
-    r = run_cli("run", "--out", "out", "--no-learn", cwd=work)
+    r = run_cli("prepare", cwd=work)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("puzzles", "data/pbmc68k_reduced.h5ad", "--out", "out/puzzles", "--cells-out", "out/cells.parquet",
+                "--reasoning-fraction", "0.5", cwd=work)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("evaluate", "--puzzles", "out/puzzles", "--solver", "random", "--solver", "markers",
+                "--out", "out/eval", "--json", cwd=work)
     assert r.returncode == 0, r.stderr[-2000:]
     return work, r
 
 
-def test_run_writes_everything_and_baselines_are_ordered(default_run):
+def test_puzzles_and_baselines_on_the_bundled_data(default_run):
     work, r = default_run
     out = work / "out"
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["validation"]["success"]
-    assert (out / "validation" / "data_docs" / "index.html").is_file()
+    assert (out / "puzzles" / "validation" / "data_docs" / "index.html").is_file()
     assert (out / "cells.parquet").is_file()
-    assert summary["puzzles"]["train"] > 0 and summary["puzzles"]["test"] > 0
-    rnd, mk = summary["models"]["random"]["free"], summary["models"]["markers"]["free"]
+    s = json.loads((out / "puzzles" / "summary.json").read_text())
+    assert s["splits"]["train"]["puzzles"] > 0 and s["splits"]["test"]["puzzles"] > 0
+    rnd = json.loads((out / "eval" / "metrics_random.json").read_text())
+    mk = json.loads((out / "eval" / "metrics_markers.json").read_text())
     for m in (rnd, mk):
         assert set(m) >= {"cell_accuracy", "batch_accuracy", "format_ratio", "uniqueness", "n",
                           "batch_accuracy_ci", "cell_accuracy_ci"}
         assert m["format_ratio"] == 1.0 and m["uniqueness"] == 1.0
     # the marker solver is far above chance: its interval clears random's
     assert mk["batch_accuracy_ci"][0] > rnd["batch_accuracy_ci"][1]
-    assert summary["data"]["md5"] and (work / "data" / "pbmc68k_reduced.h5ad").is_file()
-    assert str(out) in r.stdout or "out/" in r.stdout
 
 
 def test_evaluate_cli_scores_saved_predictions(default_run):
