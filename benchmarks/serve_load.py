@@ -112,7 +112,7 @@ def load(url: str, bodies: list[bytes], concurrency: int) -> dict:
             try:
                 req = urllib.request.Request(target, data=b, headers={"content-type": "application/json"})
                 with urllib.request.urlopen(req, timeout=300) as r:
-                    ok = r.status == 200 and json.loads(r.read())["predictions"][0]["assignments"] is not None
+                    ok = r.status == 200 and len(json.loads(r.read())["predictions"]) == 1
             except (urllib.error.URLError, OSError, ValueError, KeyError):
                 ok = False
             dt = time.perf_counter() - t0
