@@ -4,17 +4,16 @@ steps), and a third run whose challenger is gated against the champion."""
 
 import json
 import os
-import signal
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port, mlflow_server_at
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--sft-steps", "6", "--rl-steps", "1", "--eval-limit", "6", "--param", "train_per_n=40",
@@ -22,35 +21,10 @@ SMALL = ["--sft-steps", "6", "--rl-steps", "1", "--eval-limit", "6", "--param", 
 STEPS = ["validate", "puzzles", "distill", "sft", "rl"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("mlflow server did not start:\n" + (d / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
-    yield {"uri": uri, "artifacts": d / "artifacts"}
-    proc.terminate()
-    proc.wait(timeout=30)
+    with mlflow_server_at(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
 
 
 def _env(server):
@@ -168,7 +142,7 @@ def test_a_failing_step_fails_the_run_naming_step_and_reason(mlflow_server, tmp_
 
 
 def test_server_down_is_one_clear_line_before_any_step(tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
     r = subprocess.run([sys.executable, "-m", "cellpuzzles.cli", "run", "--out", "out"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2

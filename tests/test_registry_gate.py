@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port, mlflow_server_at
 
 from cellpuzzles import __version__
 from cellpuzzles.errors import CellPuzzlesError
@@ -30,42 +28,17 @@ from cellpuzzles.reward import score
 TYPES = ["B cell", "T cell", "NK cell", "monocyte", "dendritic cell"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """A real MLflow server (SQLite backend, proxied artifacts under ``artifacts``)."""
-    d = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2):
-                break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("mlflow server did not start:\n" + (d / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    yield {"uri": uri, "artifacts": d / "artifacts"}
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
-    proc.terminate()
-    proc.wait(timeout=30)
+    """A real MLflow server (SQLite backend, proxied artifacts under ``artifacts``), set as the tracking URI."""
+    with mlflow_server_at(tmp_path_factory.mktemp("mlflow")) as server:
+        old = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = server["uri"]
+        yield server
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 def make_test_set(n: int = 40, tag: str = "a") -> list:
@@ -278,7 +251,7 @@ def test_cli_exit_codes(mlflow_server, tmp_path):
     assert r.returncode == 2 and "has no evaluation/evaluation.json" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
     r = subprocess.run([sys.executable, "-m", "cellpuzzles.cli", "gate"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: MLflow tracking server") and "unreachable" in r.stderr
