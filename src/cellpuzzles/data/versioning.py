@@ -109,7 +109,7 @@ def resolve_data(source: str, version: str = "", repo_dir: str | os.PathLike = "
 
         try:
             with Repo(str(repo)) as r:
-                r.pull(targets=["data.dvc"])
+                r.pull(targets=[str((repo / "data.dvc").resolve())])
         except Exception as e:  # noqa: BLE001 -- DVC raises many types; the message names the cause
             raise CellPuzzlesError(f"dvc pull data.dvc in {repo} failed ({str(e)[:160]}); check the DVC remote "
                                    "and its credentials, or `dvc status`") from None
