@@ -69,9 +69,37 @@ def think_part(completion: str) -> str:
     return body.replace("<think>", "").replace("<answer>", "").replace("</answer>", "")
 
 
-def slot_scores(model, tok, prefix: str, candidates: Sequence[str]) -> np.ndarray:
-    """log p(candidate text | prefix) for each candidate; the prefix runs once, its KV cache
-    is shared by all candidates."""
+class PrefixCache:
+    """The KV cache of the longest token prefix seen so far: successive answer slots of one
+    puzzle share the prompt and reasoning, so only the new tokens run through the model."""
+
+    def __init__(self, model):
+        self.model, self.ids, self.cache, self.logits = model, [], None, None
+
+    def advance(self, ids: Sequence[int]):
+        """Log-probabilities of the next token after ``ids``; the cache then holds ``ids``."""
+        import torch
+
+        keep = min(_common_len(self.ids, ids), len(ids) - 1)  # at least one token runs, for its logits
+        if self.cache is not None and keep < len(self.ids):
+            try:
+                self.cache.crop(keep - len(self.ids))  # negative: tokens to drop from the end
+            except (ValueError, NotImplementedError):
+                self.cache, keep = None, 0
+        if keep == 0:
+            self.cache = None
+        new = torch.tensor([list(ids[keep:])], device=self.model.device)
+        with torch.no_grad():
+            out = self.model(input_ids=new, past_key_values=self.cache, use_cache=True)
+        self.cache, self.ids = out.past_key_values, list(ids)
+        return torch.log_softmax(out.logits[0, -1].float(), -1)
+
+
+def slot_scores(model, tok, prefix: str, candidates: Sequence[str], state: PrefixCache | None = None) -> np.ndarray:
+    """log p(candidate text | prefix) for each candidate; the prefix runs once (or only its
+    new tokens, given the ``state`` of an earlier slot), its KV cache shared by all candidates."""
+    import copy
+
     import torch
 
     p_ids = tok(prefix, add_special_tokens=False)["input_ids"]
@@ -79,21 +107,20 @@ def slot_scores(model, tok, prefix: str, candidates: Sequence[str]) -> np.ndarra
     # tokens can merge across the boundary: share only the prefix every candidate keeps
     common = min(_common_len(p_ids, f) for f in full)
     common = max(1, min(common, len(p_ids)))
-    head = torch.tensor([full[0][:common]], device=model.device)
+    state = state or PrefixCache(model)
+    first = state.advance(full[0][:common])
+    tails = [f[common:] for f in full]
+    width = max(len(t) for t in tails)
+    if width == 0:
+        return np.zeros(len(candidates))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=model.device)
+    cache = copy.deepcopy(state.cache)
+    cache.batch_repeat_interleave(len(candidates))
+    mask = torch.ones((len(candidates), common + width), dtype=torch.long, device=model.device)
     with torch.no_grad():
-        out = model(input_ids=head, use_cache=True)
-        first = torch.log_softmax(out.logits[0, -1].float(), -1)
-        tails = [f[common:] for f in full]
-        width = max(len(t) for t in tails)
-        if width == 0:
-            return np.zeros(len(candidates))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=model.device)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(len(candidates))
-        mask = torch.ones((len(candidates), common + width), dtype=torch.long, device=model.device)
         logits = model(input_ids=ids, past_key_values=cache, attention_mask=mask, use_cache=True).logits.float()
-        logp = torch.log_softmax(logits, -1)
+    logp = torch.log_softmax(logits, -1)
     scores = np.zeros(len(candidates))
     for j, t in enumerate(tails):
         if not t:
@@ -121,9 +148,10 @@ def constrained(model, tok, puzzle: Puzzle, completion: str) -> tuple[str, np.nd
     prefix = prompt_text(tok, puzzle) + f"<think>{think}</think>\n<answer>"
     scores = np.zeros((puzzle.n, puzzle.n))
     chosen: list[str] = []
+    state = PrefixCache(model)
     for i in range(puzzle.n):
         slot_prefix = prefix + "".join(f"{c}{ANSWER_SEP}" for c in chosen)
-        scores[i] = slot_scores(model, tok, slot_prefix, puzzle.candidates)
+        scores[i] = slot_scores(model, tok, slot_prefix, puzzle.candidates, state)
         free = [j for j in np.argsort(-scores[i]) if puzzle.candidates[j] not in chosen]
         chosen.append(puzzle.candidates[free[0]])
     labels = [puzzle.candidates[j] for j in assign(scores)]
