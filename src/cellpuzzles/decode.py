@@ -73,14 +73,14 @@ class PrefixCache:
     """The KV cache of the longest token prefix seen so far: successive answer slots of one
     puzzle share the prompt and reasoning, so only the new tokens run through the model."""
 
+    SHORT = 16  # a new stretch up to this long runs once per candidate, fused with the candidates
+
     def __init__(self, model):
-        self.model, self.ids, self.cache, self.logits = model, [], None, None
+        self.model, self.ids, self.cache, self.branched = model, [], None, None
 
-    def advance(self, ids: Sequence[int]):
-        """Log-probabilities of the next token after ``ids``; the cache then holds ``ids``."""
-        import torch
-
-        keep = min(_common_len(self.ids, ids), len(ids) - 1)  # at least one token runs, for its logits
+    def _rewind(self, ids: Sequence[int]) -> int:
+        """Drop cached tokens that ``ids`` does not share; keep at least one token of ``ids`` to run."""
+        keep = min(_common_len(self.ids, ids), len(ids) - 1)
         if self.cache is not None and keep < len(self.ids):
             try:
                 self.cache.crop(keep - len(self.ids))  # negative: tokens to drop from the end
@@ -88,46 +88,94 @@ class PrefixCache:
                 self.cache, keep = None, 0
         if keep == 0:
             self.cache = None
+        self.ids = list(self.ids[:keep])
+        return keep
+
+    def advance(self, ids: Sequence[int]):
+        """Log-probabilities of the next token after ``ids``; the cache then holds ``ids``."""
+        import torch
+
+        keep = self._rewind(ids)
         new = torch.tensor([list(ids[keep:])], device=self.model.device)
         with torch.no_grad():
             out = self.model(input_ids=new, past_key_values=self.cache, use_cache=True)
-        self.cache, self.ids = out.past_key_values, list(ids)
+        self.cache, self.ids, self.branched = out.past_key_values, list(ids), None
         return torch.log_softmax(out.logits[0, -1].float(), -1)
+
+    def can_fuse(self, ids: Sequence[int]) -> bool:
+        return self.cache is not None and len(ids) - _common_len(self.ids, ids) <= self.SHORT
+
+    def branch(self, ids: Sequence[int], tails: list[list[int]], pad: int):
+        """One forward pass of ``ids``' new tokens followed by each tail (one row per tail);
+        returns the log-probabilities (rows × positions × vocab) and the number of new
+        tokens before the tails. ``commit(j)`` then keeps row j as the cached prefix."""
+        import copy
+
+        import torch
+
+        keep = self._rewind(ids)
+        delta = list(ids[keep:])
+        width = max(len(t) for t in tails)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(tails))
+        rows = torch.tensor([delta + t + [pad] * (width - len(t)) for t in tails], device=self.model.device)
+        mask = torch.ones((len(tails), keep + len(delta) + width), dtype=torch.long, device=self.model.device)
+        with torch.no_grad():
+            logits = self.model(input_ids=rows, past_key_values=cache, attention_mask=mask, use_cache=True).logits
+        self.branched = (cache, list(ids), tails, width)
+        return torch.log_softmax(logits.float(), -1), len(delta)
+
+    def commit(self, j: int) -> None:
+        """After ``branch``: the cache holds the prefix followed by tail ``j``."""
+        import torch
+
+        if self.branched is None:
+            return
+        cache, ids, tails, width = self.branched
+        cache.batch_select_indices(torch.tensor([j], device=self.model.device))
+        if width > len(tails[j]):
+            cache.crop(len(tails[j]) - width)  # drop row j's padding
+        self.cache, self.ids, self.branched = cache, ids + tails[j], None
 
 
 def slot_scores(model, tok, prefix: str, candidates: Sequence[str], state: PrefixCache | None = None) -> np.ndarray:
-    """log p(candidate text | prefix) for each candidate; the prefix runs once (or only its
-    new tokens, given the ``state`` of an earlier slot), its KV cache shared by all candidates."""
+    """log p(candidate text | prefix) for each candidate. The prefix's KV cache is shared by
+    all candidates; given the ``state`` of an earlier slot only its new tokens run, fused
+    with the candidates into one forward pass when they are few."""
     import copy
 
     import torch
 
-    p_ids = tok(prefix, add_special_tokens=False)["input_ids"]
-    full = [tok(prefix + c, add_special_tokens=False)["input_ids"] for c in candidates]
+    p_ids, *full = tok([prefix, *(prefix + c for c in candidates)], add_special_tokens=False)["input_ids"]
     # tokens can merge across the boundary: share only the prefix every candidate keeps
     common = min(_common_len(p_ids, f) for f in full)
     common = max(1, min(common, len(p_ids)))
     state = state or PrefixCache(model)
-    first = state.advance(full[0][:common])
+    head = full[0][:common]
     tails = [f[common:] for f in full]
     width = max(len(t) for t in tails)
     if width == 0:
         return np.zeros(len(candidates))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=model.device)
-    cache = copy.deepcopy(state.cache)
-    cache.batch_repeat_interleave(len(candidates))
-    mask = torch.ones((len(candidates), common + width), dtype=torch.long, device=model.device)
-    with torch.no_grad():
-        logits = model(input_ids=ids, past_key_values=cache, attention_mask=mask, use_cache=True).logits.float()
-    logp = torch.log_softmax(logits, -1)
+    if state.can_fuse(head):
+        logp, d = state.branch(head, tails, pad)
+        first = None
+    else:
+        first = state.advance(head)
+        ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=model.device)
+        cache = copy.deepcopy(state.cache)
+        cache.batch_repeat_interleave(len(candidates))
+        mask = torch.ones((len(candidates), common + width), dtype=torch.long, device=model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, past_key_values=cache, attention_mask=mask, use_cache=True).logits.float()
+        logp, d = torch.log_softmax(logits, -1), 0
     scores = np.zeros(len(candidates))
     for j, t in enumerate(tails):
         if not t:
             continue
-        s = first[t[0]].item()
+        s = first[t[0]].item() if first is not None else logp[j, d - 1, t[0]].item()
         for k in range(1, len(t)):
-            s += logp[j, k - 1, t[k]].item()
+            s += logp[j, d + k - 1, t[k]].item()
         scores[j] = s
     return scores
 
@@ -154,5 +202,6 @@ def constrained(model, tok, puzzle: Puzzle, completion: str) -> tuple[str, np.nd
         scores[i] = slot_scores(model, tok, slot_prefix, puzzle.candidates, state)
         free = [j for j in np.argsort(-scores[i]) if puzzle.candidates[j] not in chosen]
         chosen.append(puzzle.candidates[free[0]])
+        state.commit(free[0])  # the chosen candidate's tokens stay cached for the next slot
     labels = [puzzle.candidates[j] for j in assign(scores)]
     return format_completion(think, labels), scores
