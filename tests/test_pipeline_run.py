@@ -115,6 +115,8 @@ def test_third_run_reuses_every_training_step_and_moves_the_champion(runs, mlflo
 
     r, s = runs["third"]
     assert s["reused_steps"] == STEPS
+    assert Path(s["data_docs"]).is_file()  # the reused validate step's data docs, from the run that made them
+    assert "PASS" in Path(s["gate_report"]).read_text() and "champion before: 1" in Path(s["gate_report"]).read_text()
     assert s["gate"]["decision"] == "pass" and s["registered_version"] == "2"
     assert s["gate"]["evidence"]["champion_version"] == "1"  # compared pair by pair with the champion
     c = MlflowClient(mlflow_server["uri"])

@@ -143,8 +143,12 @@ def run(opt: RunOptions) -> dict:
     return summary
 
 
-def _find(job: Path, task: str, output: str) -> Path | None:
+def _find(job: Path, task: str, output: str, reused: bool = False) -> Path | None:
+    """A task's output in this run's folder; for a step reused from the cache, the newest
+    earlier run's (the cache serves the latest successful output)."""
     hits = sorted(job.glob(f"**/{task}/{output}"))
+    if not hits and reused:
+        hits = sorted(job.parent.glob(f"*/**/{task}/{output}"), key=lambda p: p.stat().st_mtime)[-1:]
     return hits[0] if hits else None
 
 
@@ -156,6 +160,8 @@ def collect_summary(job: Path, opt: RunOptions, args: dict, mlflow_uri: str, sec
     decision_file = _find(job, "gate", "decision")
     decision = json.loads(decision_file.read_text()) if decision_file else None
     manifest = _find(job, "deploy", "manifest")
+    report = _find(job, "gate", "report")
+    docs = _find(job, "validate", "validation", reused=True)
     baselines = ev_dir / "baselines.json" if ev_dir else None
     outputs = json.loads((job / "register" / "executor_output.json").read_text()) \
         if (job / "register" / "executor_output.json").is_file() else {}
@@ -171,6 +177,8 @@ def collect_summary(job: Path, opt: RunOptions, args: dict, mlflow_uri: str, sec
         "registered_version": (outputs.get("parameterValues") or {}).get("Output"),
         "gate": decision,
         "manifest": str(manifest) if manifest else None,
+        "gate_report": str(report) if report else None,
+        "data_docs": str(docs / "data_docs" / "index.html") if docs else None,
         "mlflow": {"tracking_uri": mlflow_uri},
         "wall_seconds": round(seconds, 1),
     }
@@ -198,6 +206,8 @@ def print_result(s: dict, out: Path) -> None:
           f"  summary.json      metrics, gate decision and every output's path\n"
           f"  pipeline/{s['pipeline']['job']}/   each step's outputs (validation data docs, puzzles, models, evaluation)\n"
           f"  pipeline.log      the full task log\n"
+          + (f"  gate report       {s['gate_report']}\n" if s.get("gate_report") else "")
+          + (f"  data docs         {s['data_docs']}\n" if s.get("data_docs") else "")
           + (f"  manifest          {s['manifest']}\n                    apply with: kubectl apply -f {s['manifest']}\n"
              if s["manifest"] else "  manifest          none (the gate did not pass)\n")
           + f"  MLflow            {ui}")
