@@ -283,5 +283,7 @@ def test_messages_are_distinct_per_problem(results):
     msgs = {cid: res[cid].stderr.strip() for cid in CASE_IDS}
     own = [m for cid, m in msgs.items() if not cid.startswith("run_")]  # `run` repeats inputs of `puzzles`
     assert len(set(own)) == len(own)
-    assert msgs["run_not_hdf5"] == msgs["not_hdf5"]  # same input, same message, whichever command
+    # same input, same message, whichever command; `run` names the pipeline step that failed
+    assert msgs["run_not_hdf5"].startswith("error: pipeline failed at step validate: ")
+    assert msgs["not_hdf5"].removeprefix("error: ") in msgs["run_not_hdf5"]
     assert re.search(r"X has negative values \(scaled data\)", msgs["scaled_x"])

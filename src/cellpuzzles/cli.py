@@ -28,7 +28,7 @@ def _cells_options(a):
 
 
 def _puzzle_args(p: argparse.ArgumentParser) -> None:
-    from .data.sample import PuzzleOptions
+    from .data.options import PuzzleOptions
 
     d = PuzzleOptions()
     p.add_argument("--n-min", type=int, default=d.n_min, help=f"smallest puzzle size N (default {d.n_min})")
@@ -43,7 +43,7 @@ def _puzzle_args(p: argparse.ArgumentParser) -> None:
 
 
 def _puzzle_options(a):
-    from .data.sample import PuzzleOptions
+    from .data.options import PuzzleOptions
 
     return PuzzleOptions(n_min=a.n_min, n_max=a.n_max, train_per_n=a.train_per_n, test_per_n=a.test_per_n,
                          split_by=a.split_by, test_fraction=a.test_fraction,

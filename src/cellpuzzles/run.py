@@ -130,6 +130,8 @@ def run(opt: RunOptions) -> dict:
         msg = ANSI.sub("", str(e))
         step = re.findall(r"Inner task failed: '([^']+)'", msg) or re.findall(r"'([^']+)'", msg)
         reason = failure.read_text().strip().splitlines()[-1] if failure.is_file() else "see the task log"
+        if step and reason.startswith(f"{step[0]}: "):
+            reason = reason[len(step[0]) + 2:]
         raise CellPuzzlesError(f"pipeline failed at step {step[0] if step else '?'}: {reason} "
                                f"(full log: {out / 'pipeline.log'})") from None
     finally:

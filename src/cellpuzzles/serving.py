@@ -37,6 +37,7 @@ _argv, sys.argv = sys.argv, sys.argv[:1]
 try:
     import kserve
     from fastapi import Request  # module level: FastAPI resolves route annotations from module globals
+    from kserve.errors import InferenceError as InferenceRequestError  # noqa: F401  (for serving_transformer: kserve must be imported here, with argv hidden)
     from kserve.errors import InvalidInput, ModelNotReady
     from kserve.model_server import app as kserve_app
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
