@@ -243,6 +243,7 @@ def test_concurrent_requests_are_decoded_in_batches(server, world):
 def test_metrics_count_requests_by_route_and_status(server, world):
     v1(server, [instance(world["test"][0])])
     post(server.url + "/v1/models/cellpuzzles:predict", {"instances": [{}]}, AUTH)
+    post(server.url + "/v1/models/cellpuzzles:predict", {"instances": [{}]}, {})  # no token: 401
     text = _metrics(server)
     assert _metric(text, "cellpuzzles_requests_total", route="v1_predict", status="200") >= 1
     assert _metric(text, "cellpuzzles_requests_total", route="v1_predict", status="400") >= 1
