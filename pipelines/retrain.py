@@ -71,9 +71,9 @@ def retrain_pipeline(
     teacher_attempts: int = 1,
     # model and training
     base_model: str = "tiny",
-    sft_steps: int = 900,
+    sft_steps: int = 1800,  # batch 16: more, smaller updates learn faster in the same time than 900 x 32
     sft_learning_rate: float = 5e-3,
-    sft_batch_size: int = 32,
+    sft_batch_size: int = 16,
     rl_algo: str = "grpo",
     rl_steps: int = 15,
     rl_learning_rate: float = 2e-5,
