@@ -104,6 +104,13 @@ def test_mlflow_has_step_runs_pipeline_run_and_registered_version(runs, mlflow_s
     done = [r for r in retrain if r.data.tags.get("pipeline.state") == "SUCCEEDED"]
     assert len(done) == 2
     assert all(f"step.{s}.run_id" in done[0].data.tags for s in ("validate", "sft", "rl", "evaluate"))
+    # step runs nest under the pipeline run that made them (the killed run's are adopted by the next)
+    first = min(done, key=lambda r: r.info.start_time)
+    nested = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{first.info.run_id}'")
+    assert {"validate", "puzzles", "distill", "sft", "rl-grpo", "evaluate"} <= {r.info.run_name for r in nested}
+    assert step_runs["puzzles"].data.tags["puzzles.test.sha256"]
+    plots = {a.path for a in c.list_artifacts(step_runs["evaluate"].info.run_id, "plots")}
+    assert {"plots/accuracy_by_n.png", "plots/confusion.png"} <= plots
     # the killed run never reached its exit handler: no state, and no model version
     v1 = c.get_model_version("cellpuzzles", "1")
     assert v1.tags["data_version"].endswith(".dir") and "metric.constrained.batch_accuracy" in v1.tags

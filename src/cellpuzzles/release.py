@@ -42,6 +42,10 @@ def register_step(model_dir: str, eval_dir: str, model_name: str, job_name: str,
         for step, rid in step_runs.items():
             if rid:
                 client.set_tag(run_id, f"step.{step}.run_id", rid)
+                # a step run made for this pipeline run nests under it; one reused from the kfp
+                # cache keeps the parent that made it (the tags above still link it)
+                if "mlflow.parentRunId" not in client.get_run(rid).data.tags:
+                    client.set_tag(rid, "mlflow.parentRunId", run_id)
         progress(f"register: {model_name} in the MLflow registry")
         version = register(model_dir, eval_dir, name=model_name, run_id=run_id,
                            tags={"data_version": data_version, "kfp.job_name": job_name,

@@ -80,6 +80,10 @@ def puzzles_step(cells_dir: str | Path, out_dir: str | Path, opt, mlflow_uri: st
         base = {name: evaluate_solver(name, train, test, seed=opt.seed) for name in ("random", "markers")}
         atomic.write_json(out / "baselines.json", base)
         if run_id:
+            import mlflow
+
+            files = json.loads((out / "summary.json").read_text())["files"]
+            mlflow.set_tags({f"puzzles.{k}.sha256": v["sha256"] for k, v in files.items()})
             for name, r in base.items():
                 log_metrics(f"{name}/", r)
                 log_by_n(name, r)
@@ -215,8 +219,15 @@ def evaluate_step(model_dir: str | Path, puzzles_dir: str | Path, out_dir: str |
         shutil.rmtree(work, ignore_errors=True)  # left by a killed attempt
         res = evaluate_model(model_dir, test, work, name=name, seed=seed)
         comps = {m: [read_predictions(work / f"predictions_{name}_{m}.jsonl")[p.puzzle_id] for p in test] for m in res}
+        from .plots import accuracy_by_n, confusion
+
+        curves_by_n = {f"{name}/{m}": r for m, r in res.items()}
         if (pz / "baselines.json").is_file():
             shutil.copy(pz / "baselines.json", work / "baselines.json")
+            curves_by_n.update(json.loads((pz / "baselines.json").read_text()))
+        accuracy_by_n(curves_by_n, work / "accuracy_by_n.png")
+        if "constrained" in comps:
+            confusion(test, comps["constrained"], work / "confusion.png")
         write_evaluation(work, name, test, comps, res)
         for f in work.glob(f"*_{name}_*"):
             f.unlink()  # the record's own predictions_<mode>.jsonl replace these
@@ -229,6 +240,9 @@ def evaluate_step(model_dir: str | Path, puzzles_dir: str | Path, out_dir: str |
                 log_metrics(f"{mode}/", r)
                 log_by_n(f"{name}_{mode}", r)
             mlflow.log_artifacts(str(out), "evaluation")
+            for png in ("accuracy_by_n.png", "confusion.png"):
+                if (out / png).is_file():
+                    mlflow.log_artifact(str(out / png), "plots")
     return {"mlflow_run_id": run_id or "",
             "metrics": {m: {k: r[k] for k in ("batch_accuracy", "cell_accuracy", "format_ratio")} for m, r in res.items()}}
 
