@@ -359,14 +359,16 @@ class CellPuzzlesModel(kserve.Model):
             raise InvalidInput(str(e)) from None
 
     async def predict(self, payload, headers=None, response_headers=None):
-        preds = await self.answer(payload["parsed"])
-        req = payload["v2"]
-        if req is None:
-            return {"predictions": preds}
-        data = [json.dumps(p) for p in preds]
-        return InferResponse(response_id=req.id or str(uuid.uuid4()), model_name=self.name,
-                             infer_outputs=[InferOutput(name="predictions", shape=[len(data)], datatype="BYTES",
-                                                        data=data)])
+        return respond(await self.answer(payload["parsed"]), payload["v2"], self.name)
+
+
+def respond(preds: list[dict], req: InferRequest | None, model_name: str):
+    """V1 ``{"predictions": [...]}``, or for a V2 request one BYTES output of JSON predictions."""
+    if req is None:
+        return {"predictions": preds}
+    data = [json.dumps(p) for p in preds]
+    return InferResponse(response_id=req.id or str(uuid.uuid4()), model_name=model_name,
+                         infer_outputs=[InferOutput(name="predictions", shape=[len(data)], datatype="BYTES", data=data)])
 
 
 def parse_v2_instances(req: InferRequest, limits: Limits, default_mode: str) -> list[Instance]:

@@ -26,9 +26,7 @@ The predictor's bearer token, if it needs one, comes from CELLPUZZLES_PREDICTOR_
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,8 +34,8 @@ import numpy as np
 from .assign import assign
 from .errors import CellPuzzlesError
 from .puzzle import format_completion
-from .serving import (MODEL_NAME, InferenceRequestError, InferOutput, InferRequest, InferResponse, InvalidInput,
-                      kserve, metrics, parse_v2_instances, run_server)
+from .serving import (MODEL_NAME, InferenceRequestError, InferRequest, InvalidInput, kserve, metrics,
+                      parse_v2_instances, respond, run_server)
 from .serving_schema import MODES, Instance, Limits, RequestError, judge, parse_instances, prediction
 from .train.model import PromptOptions
 
@@ -148,13 +146,7 @@ class CellPuzzlesTransformer(kserve.Model):
         preds = [self.answer_one(i, c) for i, c in zip(instances, completions)]
         for p in preds:
             metrics().instances.labels(p["mode"], str(p["valid"]).lower()).inc()
-        req = payload["v2"]
-        if req is None:
-            return {"predictions": preds}
-        data = [json.dumps(p) for p in preds]
-        return InferResponse(response_id=req.id or str(uuid.uuid4()), model_name=self.name,
-                             infer_outputs=[InferOutput(name="predictions", shape=[len(data)], datatype="BYTES",
-                                                        data=data)])
+        return respond(preds, payload["v2"], self.name)
 
 
 def serve_transformer(opt: TransformerOptions) -> int:
