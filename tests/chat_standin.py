@@ -32,12 +32,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from local_http import LocalHTTPServer
 
 from cellpuzzles.puzzle import Puzzle, format_completion, parse_user_msg
 
 
-class ChatStandin:
+class ChatStandin(LocalHTTPServer):
     def __init__(
         self,
         puzzles: Iterable[Puzzle] = (),
@@ -62,31 +64,16 @@ class ChatStandin:
         self.max_inflight = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._serve(self._handler_class())
 
     # ---- lifecycle ----
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "ChatStandin":
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
         self._stop.set()  # releases hanging handlers
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> "ChatStandin":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().stop()
 
     # ---- the answers ----
     def _next_mode(self) -> str:

@@ -32,8 +32,10 @@ import json
 import threading
 import uuid
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from local_http import LocalHTTPServer
 
 API = "/apis/v2beta1"
 
@@ -42,7 +44,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class KfpApiStandin:
+class KfpApiStandin(LocalHTTPServer):
     def __init__(self, token: str | None = None, multi_user: bool = False, login_page: bool = False):
         self.token = token
         self.login_page = login_page
@@ -52,30 +54,11 @@ class KfpApiStandin:
         self.runs: dict[str, dict] = {}
         self.recurring_runs: dict[str, dict] = {}  # insertion order = creation order
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._serve(self._handler_class())
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "KfpApiStandin":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> "KfpApiStandin":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def calls(self, method: str, path: str) -> list[dict]:
         """Recorded requests with this method and path (path relative to /apis/v2beta1)."""

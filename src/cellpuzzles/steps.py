@@ -247,10 +247,6 @@ def evaluate_step(model_dir: str | Path, puzzles_dir: str | Path, out_dir: str |
             "metrics": {m: {k: r[k] for k in ("batch_accuracy", "cell_accuracy", "format_ratio")} for m, r in res.items()}}
 
 
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 def run_step(name: str, fn, *args, **kwargs):
     """Call a step; on a user-facing error print one line, append ``name: reason`` to the file
     named by CELLPUZZLES_FAILURE_FILE (``cellpuzzles run`` reads it to say which step failed
