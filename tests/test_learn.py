@@ -14,6 +14,7 @@ from cellpuzzles.distill import DistillOptions, distill, read_traces
 from cellpuzzles.errors import CellPuzzlesError
 from cellpuzzles.puzzle import extract_answer, is_well_formed, split_labels
 from cellpuzzles.reward import batch_reward, score
+from cellpuzzles.scaffold import ARROW, cell_line, think_lines
 from cellpuzzles.teachers.base import Reply
 from cellpuzzles.teachers.markers import MarkersTeacher
 from cellpuzzles.train.callbacks import MetricsLogger
@@ -54,7 +55,9 @@ def test_markers_traces_are_well_formed_and_grounded(world):
         assert is_well_formed(trace) and batch_reward(trace, p.answer_text) == 1.0
         body = trace.split("</think>")[0]
         for i, line in enumerate(body.removeprefix("<think>").split("\n")):
-            cited = line.split(": ", 1)[1].split("; ")[0]
+            assert line.startswith(cell_line(i, p.genes[i], 6))  # the scaffold: the cell's first genes, then its type
+            assert line.split(ARROW, 1)[1].startswith(p.answer[i] + ": ")
+            cited = line.split(ARROW, 1)[1].split(": ", 1)[1].split("; ")[0]
             if cited != "no clear markers":
                 assert set(cited.split(", ")) <= set(p.genes[i]), line  # evidence comes from that cell
 
@@ -66,7 +69,8 @@ def test_teacher_cites_only_visible_genes_but_decides_with_all(world):
         trace = teacher.trace(p)
         rewards.append(batch_reward(trace, p.answer_text))
         for i, line in enumerate(trace.split("</think>")[0].removeprefix("<think>").split("\n")):
-            cited = line.split(": ", 1)[1].split("; ")[0]
+            assert line.startswith(cell_line(i, p.genes[i], 3))  # restates only what the student sees
+            cited = line.split(ARROW, 1)[1].split(": ", 1)[1].split("; ")[0]
             if cited != "no clear markers":
                 assert set(cited.split(", ")) <= set(p.genes[i][:3]), line
     assert sum(r == 1.0 for r in rewards) >= 30  # the answer still comes from all the genes
@@ -130,11 +134,18 @@ def test_constrained_decoding_is_always_a_valid_permutation(world):
     model, tok, prompt = load_model(world["init"])  # untrained: free text is garbage
     test = [prompt.apply(p) for p in world["splits"]["test"][:6]]
     free = generate(model, tok, test)
-    cons = [constrained(model, tok, p, c)[0] for p, c in zip(test, free)]
+    cons = [constrained(model, tok, p, c, prompt.restated_genes)[0] for p, c in zip(test, free)]
     s = score(cons, [p.answer_text for p in test], n_boot=0)
     assert s["format_ratio"] == 1.0 and s["uniqueness"] == 1.0
     for p, c in zip(test, cons):
         assert sorted(split_labels(extract_answer(c))) == sorted(p.candidates)
+    # with the scaffold: no free text needed; the think part restates each cell's genes and
+    # names the assigned type, the same labels as the answer
+    for p in test:
+        c, scores = constrained(model, tok, p, "", restated_genes=3)
+        labels = split_labels(extract_answer(c))
+        assert sorted(labels) == sorted(p.candidates) and scores.shape == (p.n, p.n)
+        assert c.startswith("<think>" + think_lines(p, 3, labels) + "</think>")
 
 
 def test_sft_learns_checkpoints_and_resumes(world):
@@ -145,7 +156,8 @@ def test_sft_learns_checkpoints_and_resumes(world):
     losses = [h["loss"] for h in log.history if "loss" in h]
     assert losses[-1] < losses[0] - 1.0  # nats
     assert (out / "config.json").is_file() and (out / "cellpuzzles.json").is_file()
-    assert json.loads((out / "cellpuzzles.json").read_text())["genes_per_cell"] == 10
+    # the traces are scaffolds restating 6 genes: the folder says so, so decoding uses the scaffold
+    assert json.loads((out / "cellpuzzles.json").read_text()) == {"genes_per_cell": 10, "restated_genes": 6}
     # resume: more steps continue from the last checkpoint instead of starting over
     log2 = MetricsLogger("sft")
     sft(world["pairs"], world["init"], out, SFTOptions(**{**opt.__dict__, "max_steps": 35}), callbacks=[log2])

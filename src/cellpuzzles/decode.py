@@ -1,12 +1,13 @@
 """Decoding a model's answers to puzzles: free and constrained.
 
 free         the model's own text (greedy by default, sampling optional), scored as is.
-constrained  after the model's own <think> part, every (cell, candidate) pair is scored by
-             the log-likelihood of that candidate at that cell's answer slot (the prefix
-             holds the slots before it, filled greedily among unused candidates); the
-             cells x candidates matrix is assigned one-to-one (Hungarian), so the answer
-             is always a valid permutation.
-"""
+constrained  every (cell, candidate) pair is scored by the log-likelihood of that candidate
+             at that cell's slot (the prefix holds the slots before it, filled greedily
+             among unused candidates); the cells x candidates matrix is assigned one-to-one
+             (Hungarian), so the answer is always a valid permutation. The slots are the
+             type slots of the per-cell scaffold (``cellpuzzles.scaffold``) for a model
+             trained on scaffold traces, else the answer slots after the model's own
+             <think> part."""
 
 from __future__ import annotations
 
@@ -189,19 +190,45 @@ def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def constrained(model, tok, puzzle: Puzzle, completion: str) -> tuple[str, np.ndarray]:
-    """A valid completion for one puzzle from the model's likelihoods, and its score matrix."""
+def constrained(model, tok, puzzle: Puzzle, completion: str, restated_genes: int | None = None) -> tuple[str, np.ndarray]:
+    """A valid completion for one puzzle from the model's likelihoods, and its score matrix.
+
+    With ``restated_genes`` (a model trained on scaffold traces, ``cellpuzzles.scaffold``)
+    the think part is the scaffold and each cell is scored at its line's type slot; the
+    model's own completion is not needed. Otherwise the model's own think part is kept and
+    the cells are scored at the answer slots."""
     model.eval()
+    if restated_genes:
+        return _scaffolded(model, tok, puzzle, restated_genes)
     think = think_part(completion)
     prefix = prompt_text(tok, puzzle) + f"<think>{think}</think>\n<answer>"
+    labels, scores = _greedy_slots(model, tok, puzzle, lambda i, chosen: prefix + "".join(f"{c}{ANSWER_SEP}" for c in chosen))
+    return format_completion(think, labels), scores
+
+
+def _scaffolded(model, tok, puzzle: Puzzle, k: int) -> tuple[str, np.ndarray]:
+    from .scaffold import cell_line, think_lines
+
+    base = prompt_text(tok, puzzle) + "<think>"
+
+    def slot(i: int, chosen: list[str]) -> str:
+        done = think_lines(puzzle, k, chosen)
+        return base + (done + "\n" if done else "") + cell_line(i, puzzle.genes[i], k)
+
+    labels, scores = _greedy_slots(model, tok, puzzle, slot)
+    return format_completion(think_lines(puzzle, k, labels), labels), scores
+
+
+def _greedy_slots(model, tok, puzzle: Puzzle, slot_prefix) -> tuple[list[str], np.ndarray]:
+    """Score the candidates at each cell's slot, the earlier slots filled greedily among
+    unused candidates (``slot_prefix(i, chosen)`` is the text before slot i); then assign
+    one-to-one over the whole score matrix."""
     scores = np.zeros((puzzle.n, puzzle.n))
     chosen: list[str] = []
     state = PrefixCache(model)
     for i in range(puzzle.n):
-        slot_prefix = prefix + "".join(f"{c}{ANSWER_SEP}" for c in chosen)
-        scores[i] = slot_scores(model, tok, slot_prefix, puzzle.candidates, state)
+        scores[i] = slot_scores(model, tok, slot_prefix(i, chosen), puzzle.candidates, state)
         free = [j for j in np.argsort(-scores[i]) if puzzle.candidates[j] not in chosen]
         chosen.append(puzzle.candidates[free[0]])
         state.commit(free[0])  # the chosen candidate's tokens stay cached for the next slot
-    labels = [puzzle.candidates[j] for j in assign(scores)]
-    return format_completion(think, labels), scores
+    return [puzzle.candidates[j] for j in assign(scores)], scores

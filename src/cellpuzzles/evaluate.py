@@ -104,15 +104,17 @@ def evaluate_model(
 
     model, tok, prompt = load_model(model_path)
     shown = [prompt.apply(p) for p in test]
-    bar = tqdm(total=len(shown), desc=f"decode {name}", leave=False, disable=not os.isatty(2))
-    free = generate(model, tok, shown, decode or DecodeOptions(seed=seed), progress=bar.update)
-    bar.close()
+    free = [""] * len(shown)
+    if "free" in modes or not prompt.restated_genes:  # the scaffold needs no free text
+        bar = tqdm(total=len(shown), desc=f"decode {name}", leave=False, disable=not os.isatty(2))
+        free = generate(model, tok, shown, decode or DecodeOptions(seed=seed), progress=bar.update)
+        bar.close()
     results: dict[str, dict] = {}
     for mode in modes:
         if mode == "free":
             completions = free
         elif mode == "constrained":
-            completions = [constrained(model, tok, p, c)[0] for p, c in zip(shown, free)]
+            completions = [constrained(model, tok, p, c, prompt.restated_genes)[0] for p, c in zip(shown, free)]
         else:
             raise CellPuzzlesError(f"unknown decoding mode {mode!r}; use free or constrained")
         results[mode] = score(completions, [p.answer_text for p in test], seed=seed)

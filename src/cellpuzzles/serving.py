@@ -278,15 +278,24 @@ class Decoder:
         from .decode import DecodeOptions, constrained, generate, prompt_text
 
         shown = [self.prompt.apply(j.instance.puzzle) for j in jobs]
-        raw = generate(self.model, self.tok, shown, DecodeOptions(batch_size=len(shown)))
+        k = self.prompt.restated_genes
+        # free text is needed for free mode, and for constrained mode unless the model uses
+        # the scaffold (cellpuzzles.scaffold), which scores the candidates without it
+        need = [i for i, j in enumerate(jobs) if j.mode != "constrained" or not k]
+        raw = [""] * len(jobs)
+        if need:
+            texts = generate(self.model, self.tok, [shown[i] for i in need], DecodeOptions(batch_size=len(need)))
+            for i, t in zip(need, texts):
+                raw[i] = t
         out = []
         for job, p, text in zip(jobs, shown, raw):
             r = {"completion": text, "answer_text": text}
             if job.mode == "constrained":
-                r["answer_text"] = constrained(self.model, self.tok, p, text)[0]
+                r["answer_text"] = constrained(self.model, self.tok, p, text, k)[0]
+                r["completion"] = text or r["answer_text"]
             if job.count_tokens:
                 r["prompt_tokens"] = len(self.tok(prompt_text(self.tok, p), add_special_tokens=False)["input_ids"])
-                r["completion_tokens"] = len(self.tok(text, add_special_tokens=False)["input_ids"])
+                r["completion_tokens"] = len(self.tok(r["completion"], add_special_tokens=False)["input_ids"])
             out.append(r)
         return out
 

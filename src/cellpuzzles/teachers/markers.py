@@ -1,13 +1,13 @@
 """The built-in teacher: reasoning traces from the marker-gene solver.
 
-For each cell the trace names the assigned type, then cites the cell's genes that most
-favour it over the other candidates (type first, so a left-to-right student decides the
-type from the cell's genes rather than from the evidence it just wrote); when the one-type-per-cell rule moved a cell off its
-best-scoring candidate, it says which cell took that candidate. The answer is the
-solver's one-to-one assignment. Traces obey the format rule exactly.
+Each trace is a per-cell scaffold (``cellpuzzles.scaffold``): line i restates cell i's
+first genes, names the assigned type, then cites the cell's genes that most favour it over
+the other candidates; when the one-type-per-cell rule moved a cell off its best-scoring
+candidate, it says which cell took that candidate. The answer is the solver's one-to-one
+assignment. Traces obey the format rule exactly.
 
-    <think>Cell 1 -> B cell: CD79A, MS4A1
-    Cell 2 -> NK cell: GZMB, NKG7; T cell taken by Cell 3
+    <think>Cell 1: CD74, CD79A, MS4A1, HLA-DRA, CD37, LTB -> B cell: CD79A, MS4A1
+    Cell 2: NKG7, GZMB, CCL5, GNLY, CST7, PRF1 -> NK cell: GZMB, NKG7; T cell taken by Cell 3
     ...</think>
     <answer>B cell | NK cell | ...</answer>
 """
@@ -20,6 +20,7 @@ import numpy as np
 
 from ..assign import assign
 from ..puzzle import Puzzle, format_completion
+from ..scaffold import cell_line
 from ..solvers import MarkerSolver
 from .base import Reply
 
@@ -27,12 +28,16 @@ from .base import Reply
 class MarkersTeacher:
     name = "markers"
 
-    def __init__(self, train: Sequence[Puzzle], evidence_genes: int = 2, visible_genes: int | None = None):
+    def __init__(self, train: Sequence[Puzzle], evidence_genes: int = 2, visible_genes: int | None = None,
+                 restated_genes: int = 6):
         """``visible_genes``: cite evidence only among each cell's first k genes (what a
-        student shown k genes per cell can see); the assignment still uses every gene."""
+        student shown k genes per cell can see); the assignment still uses every gene.
+        ``restated_genes``: how many of each cell's first genes a line restates (at most
+        ``visible_genes``)."""
         self.solver = MarkerSolver().fit(train)
         self.evidence_genes = evidence_genes
         self.visible_genes = visible_genes
+        self.restated_genes = min(restated_genes, visible_genes or restated_genes)
 
     def trace(self, puzzle: Puzzle) -> str:
         s = self.solver
@@ -55,7 +60,7 @@ class MarkersTeacher:
                 rel = contrib[t] - (contrib[others].max(0) if others else 0.0)
                 order = np.argsort(-rel, kind="stable")[: self.evidence_genes]
                 cited = [known[k][1] for k in order if rel[k] > 0]
-            line = f"Cell {i + 1} -> {labels[i]}: {', '.join(cited) if cited else 'no clear markers'}"
+            line = f"{cell_line(i, genes, self.restated_genes)}{labels[i]}: {', '.join(cited) if cited else 'no clear markers'}"
             best = int(np.argmax(scores[i]))
             if best != choice[i]:
                 line += f"; {puzzle.candidates[best]} taken by Cell {owner[best] + 1}"

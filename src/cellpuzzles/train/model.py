@@ -37,6 +37,7 @@ class PromptOptions:
     """How puzzles become prompts for this model."""
 
     genes_per_cell: int | None = None  # None: every gene the puzzle lists
+    restated_genes: int | None = None  # set when the SFT traces were scaffolds (cellpuzzles.scaffold)
 
     def apply(self, puzzle: Puzzle) -> Puzzle:
         if self.genes_per_cell is None:

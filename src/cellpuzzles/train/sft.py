@@ -9,11 +9,12 @@ DeepSpeed ZeRO config shipped in ``cellpuzzles/train/deepspeed/`` via ``deepspee
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import CellPuzzlesError
 from ..puzzle import Puzzle
+from ..scaffold import restated_genes
 from .model import PromptOptions, load_model, lora, save
 
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
@@ -73,6 +74,8 @@ def sft(pairs: list[tuple[Puzzle, str]], model_path: str | os.PathLike, out: str
 
     opt = opt or SFTOptions()
     model, tok, prompt = load_model(model_path)
+    # a model trained on scaffold traces is decoded with the scaffold (cellpuzzles.scaffold)
+    prompt = replace(prompt, restated_genes=restated_genes([(prompt.apply(p), t) for p, t in pairs]))
     is_tiny = model.num_parameters() < 20_000_000
     use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora
     if use_lora:
