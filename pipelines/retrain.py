@@ -81,7 +81,7 @@ def retrain_pipeline(
     eval_limit: int = 0,
     # gate
     model_name: str = "cellpuzzles",
-    min_batch_accuracy: float = 0.02,
+    min_batch_accuracy: float = 0.1,  # random scores 0.03 on the default data, the tiny default 0.23
     min_format_ratio: float = 0.95,
     tolerance: float = 0.02,
     margin: float = 0.0,
