@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traces", required=True)
     p.add_argument("--model", default="tiny", help="'tiny' (built from the traces) or a Hugging Face model folder")
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=900)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)

@@ -146,7 +146,7 @@ class SFTStepOptions:
 def _default_sft():
     from .train.sft import SFTOptions
 
-    return SFTOptions(max_steps=1800, learning_rate=5e-3, batch_size=16)
+    return SFTOptions(max_steps=900, learning_rate=5e-3, batch_size=16)
 
 
 def sft_step(traces_file: str | Path, out_dir: str | Path, opt: SFTStepOptions, mlflow_uri: str = "") -> dict:
