@@ -9,7 +9,7 @@ import pytest
 from cellpuzzles.data.bundled import materialise
 from cellpuzzles.data.cells import CellsOptions, build_cells
 from cellpuzzles.data.sample import PuzzleOptions, make_splits
-from cellpuzzles.decode import constrained, generate
+from cellpuzzles.decode import constrained, generate, prompt_text
 from cellpuzzles.distill import DistillOptions, distill, read_traces
 from cellpuzzles.errors import CellPuzzlesError
 from cellpuzzles.puzzle import extract_answer, is_well_formed, split_labels
@@ -21,6 +21,7 @@ from cellpuzzles.train.callbacks import MetricsLogger
 from cellpuzzles.train.model import PromptOptions, TinyConfig, build_tiny, load_model, load_tokenizer
 from cellpuzzles.train.rl import train_rl
 from cellpuzzles.train.rl_common import RLOptions
+from cellpuzzles.train.scaffold_rollout import scaffold_rollout
 from cellpuzzles.train.sft import SFTOptions, sft
 
 SMALL = TinyConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -175,11 +176,69 @@ def test_grpo_runs_and_logs_reward_kl_format_and_val_accuracy(world):
     log = MetricsLogger("rl")
     out = train_rl(world["splits"]["train"][:16], world["splits"]["test"][:4], src, world["root"] / "grpo",
                    RLOptions(max_steps=2, prompts_per_step=2, num_generations=2, eval_steps=1,
-                             max_completion_length=40, resume=False), log)
+                             max_completion_length=40, resume=False, rollout="hf"), log)
     keys = set().union(*(h.keys() for h in log.history))
     assert {"reward", "reward_std", "kl", "rewards/format_ok/mean", "completions/mean_length", "val_batch_accuracy"} <= keys
     model, _, _ = load_model(out)
     assert model.num_parameters() > 0
+
+
+@pytest.fixture(scope="module")
+def scaffold_model(world):
+    """The tiny model folder marked as trained on scaffold traces restating 6 genes."""
+    folder = world["root"] / "init-scaffold"
+    if not folder.is_dir():
+        shutil.copytree(world["init"], folder)
+        (folder / "cellpuzzles.json").write_text(json.dumps({"genes_per_cell": 10, "restated_genes": 6}))
+    return folder
+
+
+def test_scaffold_rollouts_are_valid_and_only_the_types_are_the_policys(world, scaffold_model):
+    model, tok, prompt = load_model(scaffold_model)
+    puzzles = [prompt.apply(p) for p in world["splits"]["train"][:6]]
+    rollout = scaffold_rollout(tok, puzzles, 6, seed=1)
+
+    class Trainer:  # what rollout_func reads from TRL's trainer
+        pass
+
+    Trainer.model = model
+    out = rollout([p.messages() for p in puzzles for _ in range(2)], Trainer)
+    assert len(out["completion_ids"]) == 12
+    for i, (ids, mask) in enumerate(zip(out["completion_ids"], out["env_mask"])):
+        p = puzzles[i // 2]
+        text = tok.decode(ids, skip_special_tokens=True)
+        labels = split_labels(extract_answer(text))
+        assert sorted(labels) == sorted(p.candidates)  # always a valid permutation
+        assert text.startswith("<think>" + think_lines(p, 6, labels) + "</think>")
+        assert len(mask) == len(ids) and len(out["logprobs"][i]) == len(ids)
+        # the policy's tokens are exactly the sampled types, in cell order
+        assert [t for t, m in zip(ids, mask) if m] == [t for c in labels for t in tok(c, add_special_tokens=False)["input_ids"]]
+        assert out["prompt_ids"][i] == tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"]
+
+
+def test_grpo_with_scaffold_rollouts_gets_a_reward_signal(world, scaffold_model, tmp_path):
+    log = MetricsLogger("rl")
+    train = world["splits"]["train"][:16]
+    out = train_rl(train, world["splits"]["test"][:4], scaffold_model, tmp_path / "grpo",
+                   RLOptions(max_steps=3, prompts_per_step=2, num_generations=4, eval_steps=3,
+                             learning_rate=1e-3, resume=False), log)  # rollout "auto" -> scaffold
+    steps = [h for h in log.history if "reward" in h]
+    assert len(steps) == 3
+    assert all(h["rewards/format_ok/mean"] == 1.0 and h["reward"] >= 0.0 for h in steps)  # never the -1 of a bad answer
+    assert all(3 <= h["completions/mean_length"] <= 5 for h in steps)  # policy tokens only: one type per cell (n = 3..5)
+    assert any(h["reward_std"] > 0 for h in steps)  # groups differ, so GRPO has an advantage to follow
+    assert any("val_batch_accuracy" in h for h in log.history)
+    before, _, _ = load_model(scaffold_model)
+    after, _, _ = load_model(out)
+    assert json.loads((out / "cellpuzzles.json").read_text())["restated_genes"] == 6
+    assert any((a - b).abs().max() > 0 for a, b in zip(after.parameters(), before.parameters()))
+
+
+def test_rollout_choice_errors_are_clear(world, scaffold_model, tmp_path):
+    with pytest.raises(CellPuzzlesError, match="scaffold traces"):
+        train_rl(world["splits"]["train"][:8], [], world["init"], tmp_path / "g", RLOptions(rollout="scaffold"))
+    with pytest.raises(CellPuzzlesError, match="PPO rolls out"):
+        train_rl(world["splits"]["train"][:8], [], scaffold_model, tmp_path / "p", RLOptions(algo="ppo", rollout="scaffold"))
 
 
 def test_step_commands_chain_through_the_cli(world, tmp_path):

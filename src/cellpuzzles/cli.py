@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--beta", type=float, default=0.001, help="KL coefficient to the reference policy")
-    p.add_argument("--rollout", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--rollout", choices=["auto", "hf", "vllm", "scaffold"], default="auto",
+                   help="auto (default): scaffold for a model trained on scaffold traces, else hf (the model's own generate)")
     p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--restart", action="store_true")
     p.add_argument("--seed", type=int, default=0)

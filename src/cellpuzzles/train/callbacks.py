@@ -38,21 +38,28 @@ class MetricsLogger(TrainerCallback):
 
 
 class ValidationAccuracy(TrainerCallback):
-    """Greedy decoding of a few held-out puzzles every ``every`` steps; logs val_* metrics."""
+    """Decoding of a few held-out puzzles every ``every`` steps; logs val_* metrics. Greedy
+    free decoding, or for a model trained on scaffold traces (``restated_genes``) the
+    constrained scaffold decoding that serving uses."""
 
-    def __init__(self, puzzles: Sequence[Puzzle], tokenizer, logger: MetricsLogger, every: int = 10):
+    def __init__(self, puzzles: Sequence[Puzzle], tokenizer, logger: MetricsLogger, every: int = 10,
+                 restated_genes: int | None = None):
         self.puzzles = list(puzzles)
         self.tok = tokenizer
         self.logger = logger
         self.every = max(1, every)
+        self.restated_genes = restated_genes
 
     def _run(self, model, step: int) -> None:
-        from ..decode import DecodeOptions, generate
+        from ..decode import DecodeOptions, constrained, generate
 
         if not self.puzzles or model is None:
             return
         was_training = model.training
-        completions = generate(model, self.tok, self.puzzles, DecodeOptions(batch_size=len(self.puzzles)))
+        if self.restated_genes:
+            completions = [constrained(model, self.tok, p, "", self.restated_genes)[0] for p in self.puzzles]
+        else:
+            completions = generate(model, self.tok, self.puzzles, DecodeOptions(batch_size=len(self.puzzles)))
         s = score(completions, [p.answer_text for p in self.puzzles], n_boot=0)
         self.logger.record({f"val_{k}": s[k] for k in ("batch_accuracy", "cell_accuracy", "format_ratio", "reward")}, step)
         if was_training:

@@ -9,7 +9,8 @@ from ..errors import CellPuzzlesError
 from ..puzzle import Puzzle
 from .callbacks import MetricsLogger, ValidationAccuracy
 from .model import load_model, lora, save
-from .rl_common import RLOptions, cellpuzzles_reward, completion_budget, format_ok, rl_rows, trainer_args
+from .rl_common import RLOptions, cellpuzzles_reward, completion_budget, format_ok, resolve_rollout, rl_rows, trainer_args
+from .scaffold_rollout import scaffold_rollout
 from .sft import _latest_checkpoint
 
 
@@ -25,6 +26,7 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
         except ImportError:
             raise CellPuzzlesError("--rollout vllm needs the vllm package (the GPU training image has it); use --rollout hf") from None
     model, tok, prompt = load_model(model_path)
+    rollout = resolve_rollout(opt.rollout, prompt)
     is_tiny = model.num_parameters() < 20_000_000
     use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora
     if use_lora:
@@ -32,6 +34,11 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
     ds = Dataset.from_list(rl_rows(train, prompt)).shuffle(seed=opt.seed)
     logger = logger or MetricsLogger("rl")
     shown_val = [prompt.apply(p) for p in val[: opt.val_size]]
+    rollout_func = None
+    if rollout == "scaffold":
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
+        rollout_func = scaffold_rollout(tok, [prompt.apply(p) for p in train], prompt.restated_genes,
+                                        opt.temperature, opt.seed)
     ckpt = Path(f"{out}.ckpt")
     cfg = GRPOConfig(
         **trainer_args(opt, str(ckpt)),
@@ -41,7 +48,7 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
         beta=opt.beta,
         max_completion_length=completion_budget(train, opt),
         reward_weights=[1.0, 0.0],  # the reward, and the format ratio (logged only)
-        use_vllm=opt.rollout == "vllm",
+        use_vllm=rollout == "vllm",
         vllm_mode="colocate",
         cache_implementation="static" if opt.static_cache else None,
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
@@ -51,8 +58,9 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
     # from a saved folder, so that path is the starting policy (FACTS: GRPO/RLOO reference)
     trainer = GRPOTrainer(
         model=model, reward_funcs=[cellpuzzles_reward, format_ok], args=cfg, train_dataset=ds,
-        processing_class=tok,
-        callbacks=[logger, ValidationAccuracy(shown_val, tok, logger, every=opt.eval_steps)],
+        processing_class=tok, rollout_func=rollout_func,
+        callbacks=[logger, ValidationAccuracy(shown_val, tok, logger, every=opt.eval_steps,
+                                              restated_genes=prompt.restated_genes)],
     )
     trainer.train(resume_from_checkpoint=_latest_checkpoint(ckpt) if opt.resume else None)
     final = trainer.model.merge_and_unload() if use_lora else trainer.model

@@ -251,7 +251,7 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
         args=cfg, processing_class=tok, model=model, ref_model=ref, reward_model=reward_model,
         train_dataset=ds, value_model=value,
         callbacks=[logger, _RewardStats(reward_model, logger),
-                   _PolicyValidation(shown_val, tok, logger, every=opt.eval_steps)],
+                   _PolicyValidation(shown_val, tok, logger, every=opt.eval_steps, restated_genes=prompt.restated_genes)],
     )
     trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.model).policy

@@ -23,11 +23,30 @@ class RLOptions:
     eval_steps: int = 10
     save_steps: int = 10
     resume: bool = True
-    rollout: str = "hf"  # "hf": the model's own generate; "vllm": TRL's vLLM integration
+    # "auto": "scaffold" for a model trained on scaffold traces, else "hf"; "hf": the model's
+    # own generate; "vllm": TRL's vLLM integration; "scaffold": train/scaffold_rollout.py
+    rollout: str = "auto"
     static_cache: bool = False  # compiled static KV cache for HF rollouts (pays off on GPUs)
     use_lora: bool | None = None  # None: LoRA for Hugging Face models, full for tiny
     lora_r: int = 16
     seed: int = 0
+
+
+ROLLOUTS = ("auto", "hf", "vllm", "scaffold")
+
+
+def resolve_rollout(rollout: str, prompt: PromptOptions) -> str:
+    """The rollout backend to use for this model (``auto`` decided by its prompt options)."""
+    from ..errors import CellPuzzlesError
+
+    if rollout not in ROLLOUTS:
+        raise CellPuzzlesError(f"--rollout {rollout}: use one of {', '.join(ROLLOUTS)}")
+    if rollout == "auto":
+        return "scaffold" if prompt.restated_genes else "hf"
+    if rollout == "scaffold" and not prompt.restated_genes:
+        raise CellPuzzlesError("--rollout scaffold needs a model trained on scaffold traces (restated_genes in its "
+                               "cellpuzzles.json); use --rollout hf")
+    return rollout
 
 
 def completion_text(c) -> str:
