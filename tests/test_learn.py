@@ -265,3 +265,25 @@ def test_step_commands_chain_through_the_cli(world, tmp_path):
     assert (tmp_path / "models" / "mlflow.db").is_file()  # each step command logged its own MLflow run
     bad = run_cli("sft", "--traces", tmp_path / "test.jsonl", "--out", tmp_path / "x", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error:")  # puzzles without traces
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["one-token-candidates", "multi-token-candidates"])
+def test_slot_scores_equal_a_plain_forward_pass(world, joined):
+    import torch
+
+    from cellpuzzles.decode import slot_scores
+    from cellpuzzles.puzzle import ANSWER_SEP
+
+    model, tok, prompt = load_model(world["init"])
+    p = prompt.apply(world["splits"]["test"][0])
+    prefix = prompt_text(tok, p) + "<think>" + cell_line(0, p.genes[0], 6)
+    cands = [f"{c}{ANSWER_SEP}{p.candidates[0]}" for c in p.candidates] if joined else p.candidates
+    got = slot_scores(model, tok, prefix, cands)
+    n = len(tok(prefix, add_special_tokens=False)["input_ids"])
+    for c, g in zip(cands, got):
+        ids = tok(prefix + c, add_special_tokens=False)["input_ids"]
+        assert len(ids) - n == (3 if joined else 1)
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        want = sum(logp[i - 1, ids[i]].item() for i in range(n, len(ids)))
+        assert abs(want - g) < 1e-4

@@ -158,6 +158,11 @@ def slot_scores(model, tok, prefix: str, candidates: Sequence[str], state: Prefi
     if width == 0:
         return np.zeros(len(candidates))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if all(len(t) == 1 for t in tails):
+        # one token each (the tiny model's types): the next-token distribution after the
+        # prefix scores them all; no candidate rows, no cache copy
+        first = state.advance(head)
+        return np.array([first[t[0]].item() for t in tails])
     if state.can_fuse(head):
         logp, d = state.branch(head, tails, pad)
         first = None
