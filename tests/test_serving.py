@@ -332,3 +332,34 @@ def test_serve_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "--workers 2" in r.stderr
     r = run_cli("serve-transformer", "--predictor-url", "localhost:9")
     assert r.returncode == 2 and "--predictor-url" in r.stderr
+
+
+def test_scaffold_model_answers_constrained_requests_from_its_type_slots(world):
+    """A model trained on scaffold traces (restated_genes in its folder): constrained answers
+    come from the scaffold's type slots, so the reasoning restates each cell's genes and
+    names the assigned type; free-mode instances in the same request still get free text."""
+    import json
+    import shutil
+
+    from cellpuzzles.scaffold import think_lines
+    from cellpuzzles.train.model import PromptOptions
+
+    folder = world["root"] / "scaffold-model"
+    if not folder.exists():
+        shutil.copytree(world["folder"], folder)
+        (folder / "cellpuzzles.json").write_text(json.dumps({"genes_per_cell": 8, "restated_genes": 6}))
+    s = Server(["serve", "--model", str(folder)], world["root"] / "serve-scaffold.log")
+    try:
+        s.wait()
+        puzzles = world["test"][:3]
+        instances = [instance(p) for p in puzzles] + [instance(puzzles[0], mode="free")]
+        code, body = post(s.url + "/v1/models/cellpuzzles:predict", {"instances": instances})
+        assert code == 200, body
+        preds = body["predictions"]
+        for pred, inst, p in zip(preds, instances, puzzles):
+            assert_valid_assignment(pred, inst)
+            shown = PromptOptions(genes_per_cell=8).apply(p)
+            assert pred["reasoning"] == think_lines(shown, 6, pred["answer"])
+        assert preds[3]["mode"] == "free" and not preds[3]["completion"].startswith("<think>Cell 1: ")
+    finally:
+        s.stop()
