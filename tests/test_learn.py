@@ -3,6 +3,7 @@ distillation, model folders, SFT (checkpoints, resume), GRPO, constrained decodi
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,7 +19,13 @@ from cellpuzzles.scaffold import ARROW, cell_line, think_lines
 from cellpuzzles.teachers.base import Reply
 from cellpuzzles.teachers.markers import MarkersTeacher
 from cellpuzzles.train.callbacks import MetricsLogger
-from cellpuzzles.train.model import PromptOptions, TinyConfig, build_tiny, load_model, load_tokenizer
+from cellpuzzles.train.model import (
+    PromptOptions,
+    TinyConfig,
+    build_tiny,
+    load_model,
+    load_tokenizer,
+)
 from cellpuzzles.train.rl import train_rl
 from cellpuzzles.train.rl_common import RLOptions
 from cellpuzzles.train.scaffold_rollout import scaffold_rollout
@@ -243,6 +250,7 @@ def test_rollout_choice_errors_are_clear(world, scaffold_model, tmp_path):
 
 def test_step_commands_chain_through_the_cli(world, tmp_path):
     from conftest import run_cli
+
     from cellpuzzles.puzzle import write_puzzles
 
     s = world["splits"]
@@ -287,3 +295,23 @@ def test_slot_scores_equal_a_plain_forward_pass(world, joined):
             logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
         want = sum(logp[i - 1, ids[i]].item() for i in range(n, len(ids)))
         assert abs(want - g) < 1e-4
+
+
+def test_batched_scaffold_decoding_gives_the_same_answers(world, scaffold_model):
+    import numpy as np
+
+    from cellpuzzles.decode import constrained_many
+    from cellpuzzles.scaffold_batch import batchable, constrained_batch
+
+    model, tok, prompt = load_model(scaffold_model)
+    test = [prompt.apply(p) for p in world["splits"]["test"][:12]]
+    assert len({p.n for p in test}) > 1  # rows finish at different slots
+    one = [constrained(model, tok, p, "", 6) for p in test]
+    batch = constrained_batch(model, tok, test, 6)
+    for (c1, s1), (c2, s2) in zip(one, batch):
+        assert c1 == c2
+        assert np.allclose(s1, s2, atol=1e-4)
+    assert constrained_many(model, tok, test, [""] * len(test), 6, batch_size=5) == [c for c, _ in one]
+    assert batchable(tok, test)
+    odd = SimpleNamespace(candidates=[test[0].candidates[0] + " subtype"])  # two tokens: not batchable
+    assert not batchable(tok, [test[0], odd])

@@ -211,6 +211,20 @@ def constrained(model, tok, puzzle: Puzzle, completion: str, restated_genes: int
     return format_completion(think, labels), scores
 
 
+def constrained_many(model, tok, puzzles: Sequence[Puzzle], completions: Sequence[str],
+                     restated_genes: int | None = None, batch_size: int = 32) -> list[str]:
+    """``constrained`` for many puzzles: a scaffold model with one-token candidates decodes
+    ``batch_size`` puzzles per forward pass (``cellpuzzles.scaffold_batch``, same answers)."""
+    from .scaffold_batch import batchable, constrained_batch
+
+    if restated_genes and batchable(tok, puzzles):
+        out: list[str] = []
+        for s in range(0, len(puzzles), batch_size):
+            out += [c for c, _ in constrained_batch(model, tok, puzzles[s:s + batch_size], restated_genes)]
+        return out
+    return [constrained(model, tok, p, c, restated_genes)[0] for p, c in zip(puzzles, completions)]
+
+
 def _scaffolded(model, tok, puzzle: Puzzle, k: int) -> tuple[str, np.ndarray]:
     from .scaffold import cell_line, think_lines
 

@@ -99,7 +99,7 @@ def evaluate_model(
     Writes ``predictions_<name>_<mode>.jsonl`` and ``metrics_<name>_<mode>.json``."""
     from tqdm.auto import tqdm
 
-    from .decode import DecodeOptions, constrained, generate
+    from .decode import DecodeOptions, constrained_many, generate
     from .train.model import load_model
 
     model, tok, prompt = load_model(model_path)
@@ -114,7 +114,7 @@ def evaluate_model(
         if mode == "free":
             completions = free
         elif mode == "constrained":
-            completions = [constrained(model, tok, p, c, prompt.restated_genes)[0] for p, c in zip(shown, free)]
+            completions = constrained_many(model, tok, shown, free, prompt.restated_genes)
         else:
             raise CellPuzzlesError(f"unknown decoding mode {mode!r}; use free or constrained")
         results[mode] = score(completions, [p.answer_text for p in test], seed=seed)

@@ -275,7 +275,7 @@ class Decoder:
         self.top_k = self.prompt.genes_per_cell or 50
 
     def run(self, jobs: list[Job]) -> list[dict]:
-        from .decode import DecodeOptions, constrained, generate, prompt_text
+        from .decode import DecodeOptions, constrained_many, generate, prompt_text
 
         shown = [self.prompt.apply(j.instance.puzzle) for j in jobs]
         k = self.prompt.restated_genes
@@ -287,11 +287,14 @@ class Decoder:
             texts = generate(self.model, self.tok, [shown[i] for i in need], DecodeOptions(batch_size=len(need)))
             for i, t in zip(need, texts):
                 raw[i] = t
+        cons = [i for i, j in enumerate(jobs) if j.mode == "constrained"]
+        answers = dict(zip(cons, constrained_many(self.model, self.tok, [shown[i] for i in cons],
+                                                  [raw[i] for i in cons], k)))
         out = []
-        for job, p, text in zip(jobs, shown, raw):
+        for i, (job, p, text) in enumerate(zip(jobs, shown, raw)):
             r = {"completion": text, "answer_text": text}
             if job.mode == "constrained":
-                r["answer_text"] = constrained(self.model, self.tok, p, text, k)[0]
+                r["answer_text"] = answers[i]
                 r["completion"] = text or r["answer_text"]
             if job.count_tokens:
                 r["prompt_tokens"] = len(self.tok(prompt_text(self.tok, p), add_special_tokens=False)["input_ids"])

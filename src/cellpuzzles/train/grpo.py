@@ -9,7 +9,15 @@ from ..errors import CellPuzzlesError
 from ..puzzle import Puzzle
 from .callbacks import MetricsLogger, ValidationAccuracy
 from .model import load_model, lora, save
-from .rl_common import RLOptions, cellpuzzles_reward, completion_budget, format_ok, resolve_rollout, rl_rows, trainer_args
+from .rl_common import (
+    RLOptions,
+    cellpuzzles_reward,
+    completion_budget,
+    format_ok,
+    resolve_rollout,
+    rl_rows,
+    trainer_args,
+)
 from .scaffold_rollout import scaffold_rollout
 from .sft import _latest_checkpoint
 
