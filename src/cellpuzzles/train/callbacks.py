@@ -51,13 +51,13 @@ class ValidationAccuracy(TrainerCallback):
         self.restated_genes = restated_genes
 
     def _run(self, model, step: int) -> None:
-        from ..decode import DecodeOptions, constrained, generate
+        from ..decode import DecodeOptions, constrained_many, generate
 
         if not self.puzzles or model is None:
             return
         was_training = model.training
         if self.restated_genes:
-            completions = [constrained(model, self.tok, p, "", self.restated_genes)[0] for p in self.puzzles]
+            completions = constrained_many(model, self.tok, self.puzzles, [""] * len(self.puzzles), self.restated_genes)
         else:
             completions = generate(model, self.tok, self.puzzles, DecodeOptions(batch_size=len(self.puzzles)))
         s = score(completions, [p.answer_text for p in self.puzzles], n_boot=0)
