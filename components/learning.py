@@ -36,11 +36,13 @@ def sft(traces: Input[Dataset], base_model: str, steps: int, learning_rate: floa
 @dsl.component(base_image=TRAIN_IMAGE)
 def rl(puzzle_set: Input[Dataset], sft_model: Input[Model], algo: str, steps: int, learning_rate: float, beta: float,
        seed: int, mlflow_uri: str, model: Output[Model]) -> str:
-    """RL with the batch-level reward: GRPO (TRL GRPOTrainer) or PPO (TRL experimental PPOTrainer)."""
+    """RL with the batch-level reward: GRPO (TRL GRPOTrainer) or PPO (TRL experimental PPOTrainer).
+    steps 0, learning_rate 0 and beta < 0 take the algorithm's defaults (``ALGO_DEFAULTS``)."""
     from cellpuzzles.steps import rl_step, run_step
     from cellpuzzles.train.rl_common import RLOptions
 
-    opt = RLOptions(algo=algo, max_steps=steps, learning_rate=learning_rate, beta=beta, seed=seed)
+    opt = RLOptions(algo=algo, max_steps=steps or None, learning_rate=learning_rate or None,
+                    beta=None if beta < 0 else beta, seed=seed)
     r = run_step("rl", rl_step, puzzle_set.path, sft_model.path, model.path, opt, mlflow_uri)
     return r["mlflow_run_id"]
 

@@ -75,9 +75,11 @@ def retrain_pipeline(
     sft_learning_rate: float = 5e-3,
     sft_batch_size: int = 16,
     rl_algo: str = "grpo",
-    rl_steps: int = 40,
-    rl_learning_rate: float = 5e-4,  # the tiny default with scaffold rollouts; 2e-4 gained less, 1e-3 was unstable
-    rl_beta: float = 0.001,
+    # 0 / 0 / < 0: the algorithm's tuned default (grpo 40 steps, lr 5e-4, beta 0.001;
+    # ppo 60, 1e-4, 0.01: cellpuzzles.train.rl_common.ALGO_DEFAULTS)
+    rl_steps: int = 0,
+    rl_learning_rate: float = 0.0,
+    rl_beta: float = -1.0,
     eval_limit: int = 0,
     # gate
     model_name: str = "cellpuzzles",

@@ -244,8 +244,8 @@ def test_grpo_with_scaffold_rollouts_gets_a_reward_signal(world, scaffold_model,
 def test_rollout_choice_errors_are_clear(world, scaffold_model, tmp_path):
     with pytest.raises(CellPuzzlesError, match="scaffold traces"):
         train_rl(world["splits"]["train"][:8], [], world["init"], tmp_path / "g", RLOptions(rollout="scaffold"))
-    with pytest.raises(CellPuzzlesError, match="PPO rolls out"):
-        train_rl(world["splits"]["train"][:8], [], scaffold_model, tmp_path / "p", RLOptions(algo="ppo", rollout="scaffold"))
+    with pytest.raises(CellPuzzlesError, match="use --algo grpo"):
+        train_rl(world["splits"]["train"][:8], [], scaffold_model, tmp_path / "p", RLOptions(algo="ppo", rollout="vllm"))
 
 
 def test_step_commands_chain_through_the_cli(world, tmp_path):

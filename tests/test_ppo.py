@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl.experimental.ppo")
 
+from transformers import GenerationConfig  # noqa: E402
+
 from cellpuzzles.errors import CellPuzzlesError  # noqa: E402
-from cellpuzzles.puzzle import format_completion, make_puzzle  # noqa: E402
+from cellpuzzles.puzzle import extract_answer, format_completion, make_puzzle, split_labels  # noqa: E402
 from cellpuzzles.reward import batch_reward  # noqa: E402
 from cellpuzzles.teachers.markers import MarkersTeacher  # noqa: E402
 from cellpuzzles.train.callbacks import MetricsLogger  # noqa: E402
 from cellpuzzles.train.model import PromptOptions, TinyConfig, build_tiny, load_model  # noqa: E402
 from cellpuzzles.train.ppo import RuleRewardModel, prompt_ids, train_ppo  # noqa: E402
 from cellpuzzles.train.rl_common import RLOptions  # noqa: E402
+from cellpuzzles.train.scaffold_rollout import ScaffoldGenerate  # noqa: E402
 
 MARKERS = {"B cell": ["CD79A", "MS4A1"], "T cell": ["CD3E", "IL7R"], "NK cell": ["NKG7", "GNLY"],
            "monocyte": ["LYZ", "CD14"]}
@@ -139,3 +144,41 @@ def test_train_ppo_says_it_cannot_resume(tiny, tmp_path):
     with pytest.warns(UserWarning, match="cannot resume"):
         out = train_ppo(train, val, folder, tmp_path / "ppo", opt)
     assert (out / "config.json").is_file()
+
+
+def test_train_ppo_with_scaffold_rollouts_always_scores_and_learns(tiny, tmp_path):
+    """A model trained on scaffold traces rolls out through the scaffold (``--rollout auto``):
+    every completion is a valid permutation, so PPO's score is the informative part of the
+    rule reward (0..1, never the -1 of a malformed answer) and the policy changes."""
+    train, val, folder = tiny
+    marked = tmp_path / "scaffold-model"
+    shutil.copytree(folder, marked)
+    (marked / "cellpuzzles.json").write_text(json.dumps({"genes_per_cell": None, "restated_genes": 3}))
+    logger = MetricsLogger("rl")
+    opt = RLOptions(algo="ppo", max_steps=3, prompts_per_step=2, eval_steps=3, save_steps=10, val_size=2,
+                    learning_rate=1e-2, seed=0)
+    out = train_ppo(train, val, marked, tmp_path / "ppo", opt, logger)
+    steps = [h for h in logger.history if "reward_mean" in h]
+    assert len(steps) == 3
+    assert all(s["format_ratio"] == 1.0 and s["reward_mean"] >= 0.0 for s in steps)
+    assert any(s["reward_std"] > 0 for s in steps) or len({s["reward_mean"] for s in steps}) > 1
+    # the scaffold writes three cell lines and the answer: far longer than a bare answer
+    assert all(s["completion_length"] > 20 for s in steps)
+    before, tok, _ = load_model(marked)
+    after, _, prompt = load_model(out)
+    assert prompt.restated_genes == 3
+    assert any((a - b).abs().max() > 0 for a, b in zip(after.parameters(), before.parameters()))
+    # the saved policy generates with its own class's generate again, not the rollout stand-in
+    assert "generate" not in after.__dict__
+    # called as PPOTrainer calls generate: left-padded queries (pad ids zeroed) and a mask
+    gen = ScaffoldGenerate(after, tok, {tuple(prompt_ids(tok, p)): p for p in train}, 3, seed=1)
+    q = [prompt_ids(tok, p) for p in train[:2]]
+    width = max(map(len, q))
+    ids = torch.tensor([[0] * (width - len(x)) + x for x in q])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in q])
+    res = gen(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(max_new_tokens=200, temperature=1.0))
+    for row, p in zip(res.sequences[:, width:].tolist(), train[:2]):
+        text = tok.decode(row, skip_special_tokens=True)
+        assert sorted(split_labels(extract_answer(text))) == sorted(p.candidates)
+    assert len(res.scores) == res.sequences.shape[1] - width
+    assert torch.isfinite(torch.stack(res.scores, 1)).all()

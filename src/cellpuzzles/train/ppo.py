@@ -7,6 +7,9 @@ folded into the reward (``kl_coef``), GAE, the clipped policy ratio and the clip
 loss. What this module adds: the rule reward as a "reward model" TRL can call
 (``RuleRewardModel``), the mapping from ``RLOptions`` to ``PPOConfig``, logging of the
 reward spread / format ratio / completion length, validation accuracy, and the final save.
+For a model trained on scaffold traces (``--rollout auto`` or ``scaffold``) the policy's
+``generate`` writes scaffold rollouts (``ScaffoldGenerate``): TRL calls it as it calls
+``generate`` and gets sequences and scores in the same shapes.
 
 Resume: not supported by TRL 1.12's PPOTrainer. ``PPOTrainer.train()`` takes no
 ``resume_from_checkpoint``, resets ``global_step`` and the episode counter to 0, and its
@@ -35,7 +38,8 @@ from ..puzzle import Puzzle, is_well_formed
 from ..reward import batch_reward
 from .callbacks import MetricsLogger, ValidationAccuracy
 from .model import PromptOptions, load_model, lora, save
-from .rl_common import RLOptions, completion_budget, trainer_args
+from .rl_common import RLOptions, completion_budget, resolve_rollout, trainer_args
+from .scaffold_rollout import ScaffoldGenerate
 
 # PPO's inner loop: passes over each rollout batch. TRL's default of 4 on a GPU; 2 on CPU,
 # the fewest that still exercises the clipped ratio (the first pass is exactly on-policy,
@@ -203,6 +207,10 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
     model, tok, prompt = load_model(model_path)
+    rollout = resolve_rollout(opt.rollout, prompt)
+    if rollout == "vllm":
+        raise CellPuzzlesError("--rollout vllm: TRL's PPOTrainer generates with the policy itself; use --algo grpo "
+                               "for vLLM rollouts, or --rollout hf")
     dtype = model.dtype
     is_tiny = model.num_parameters() < 20_000_000
     use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora
@@ -225,6 +233,9 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
                                "template token); give the tokenizer a distinct pad token")
     ds = Dataset.from_dict({"input_ids": ids}).shuffle(seed=opt.seed)
     reward_model = RuleRewardModel(tok, ids, [p.answer_text for p in shown])
+    if rollout == "scaffold":  # the policy's generate writes scaffold rollouts (train/scaffold_rollout.py)
+        model.generate = ScaffoldGenerate(model, tok, {tuple(x): p for x, p in zip(ids, shown)},
+                                          prompt.restated_genes, opt.seed)
     logger = logger or MetricsLogger("rl")
     ckpt = Path(f"{out}.ckpt")
     if opt.resume and any(ckpt.glob("checkpoint-*")):
@@ -255,5 +266,6 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
     )
     trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    policy.__dict__.pop("generate", None)  # the class's own generate again
     final = policy.merge_and_unload() if use_lora else policy
     return save(final, tok, out, prompt)

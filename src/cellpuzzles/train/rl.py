@@ -20,9 +20,5 @@ def train_rl(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathLi
     if opt.algo == "ppo":
         from .ppo import train_ppo
 
-        if opt.rollout not in ("auto", "hf"):
-            raise CellPuzzlesError(f"--rollout {opt.rollout}: PPO rolls out with the policy's own generate "
-                                   "(TRL's PPOTrainer takes no custom rollouts); use --rollout hf or --algo grpo")
-
         return train_ppo(train, val, model_path, out, opt, logger)
     raise CellPuzzlesError(f"--algo {opt.algo!r}: choose grpo or ppo")

@@ -1,19 +1,21 @@
-"""GRPO rollouts through the per-cell scaffold (``cellpuzzles.scaffold``), as TRL's
-``rollout_func``.
+"""Rollouts through the per-cell scaffold (``cellpuzzles.scaffold``) for models trained on
+scaffold traces: GRPO takes them as TRL's ``rollout_func``, PPO through the policy's
+``generate`` (``ScaffoldGenerate``).
 
-For a model trained on scaffold traces, a rollout is written the way the served
-(constrained) mode writes an answer: the scaffold text (``Cell i: <genes> -> ``) is
-filled in by the environment and the policy samples each cell's type among the candidates
-not yet used, from its own likelihood of each candidate at that slot (temperature
-applies). The completion is then the scaffold with the sampled types plus the answer, so
-it is always a valid permutation and the batch reward is always informative. Only the
-sampled type tokens are the policy's (``env_mask`` 1); the scaffold and answer tokens are
-the environment's (0), so the loss, the KL and the length statistics cover the decisions
-alone.
+A rollout is written the way the served (constrained) mode writes an answer: the scaffold
+text (``Cell i: <genes> -> ``) is filled in by the environment and the policy samples each
+cell's type among the candidates not yet used, from its own likelihood of each candidate at
+that slot (temperature applies). The completion is then the scaffold with the sampled types
+plus the answer, so it is always a valid permutation and the batch reward is always
+informative. For GRPO only the sampled type tokens are the policy's (``env_mask`` 1); the
+scaffold and answer tokens are the environment's (0), so the loss, the KL and the length
+statistics cover the decisions alone. TRL's PPOTrainer has no such mask: there every
+completion token counts as the policy's, the forced ones included (their probability under
+the SFT model is close to 1, so they add little to the ratio or the KL).
 
 Why: the tiny model's free rollouts almost never end in a valid answer, so every rollout
-of a group scores -1, the group advantage is zero and GRPO learns nothing (measured:
-reward -1.0 on every rollout of the default run).
+scores -1, the group advantage (GRPO) and the score signal (PPO) are zero and RL learns
+nothing (measured: reward -1.0 on every rollout of the default run, both algorithms).
 """
 
 from __future__ import annotations
@@ -24,55 +26,37 @@ from ..puzzle import ANSWER_SEP, Puzzle
 from ..scaffold import cell_line
 
 
-def scaffold_rollout(tok, puzzles: list[Puzzle], k: int, temperature: float = 1.0, seed: int = 0):
-    """A ``rollout_func(prompts, trainer)`` for GRPOTrainer over these (already shown) puzzles."""
-    by_prompt = {p.user_msg: p for p in puzzles}
-    rng = np.random.default_rng(seed)
+def sample_completion(model, tok, p: Puzzle, k: int, temperature: float, rng) -> tuple[list, list, list]:
+    """One scaffold rollout of puzzle ``p`` (already shown, ``PromptOptions.apply``):
+    completion token ids (ending in EOS when the tokenizer has one), a mask (1 on the sampled
+    type tokens) and a log-likelihood per token (the sampled candidate's, spread over its tokens)."""
+    from ..decode import PrefixCache, prompt_text, slot_scores
 
-    def rollout(prompts, trainer) -> dict:
-        from ..decode import PrefixCache, prompt_text, slot_scores
-
-        model = trainer.model
-        was_training = model.training
-        model.eval()
-        prompt_ids, completion_ids, logprobs, env_mask = [], [], [], []
-        try:
-            for messages in prompts:
-                p = by_prompt[messages[-1]["content"]]
-                head = prompt_text(tok, p)
-                ids, mask, lps = [], [], []
-                text = ""  # the completion so far, as text
-                chosen: list[str] = []
-                state = PrefixCache(model)
-                for i in range(p.n):
-                    piece = ("<think>" if i == 0 else "\n") + cell_line(i, p.genes[i], k)
-                    _extend(tok, ids, mask, lps, piece)
-                    text += piece
-                    scores = slot_scores(model, tok, head + text, p.candidates, state)
-                    free = [j for j, c in enumerate(p.candidates) if c not in chosen]
-                    z = scores[free] / max(temperature, 1e-6)
-                    prob = np.exp(z - z.max())
-                    j = free[int(rng.choice(len(free), p=prob / prob.sum()))]
-                    state.commit(j)
-                    chosen.append(p.candidates[j])
-                    text += p.candidates[j]
-                    own = tok(p.candidates[j], add_special_tokens=False)["input_ids"]
-                    ids += own
-                    mask += [1] * len(own)
-                    lps += [float(scores[j]) / len(own)] * len(own)  # the candidate's log-likelihood, spread
-                _extend(tok, ids, mask, lps, f"</think>\n<answer>{ANSWER_SEP.join(chosen)}</answer>")
-                if tok.eos_token_id is not None:
-                    ids, mask, lps = ids + [tok.eos_token_id], mask + [0], lps + [0.0]
-                prompt_ids.append(tok(head, add_special_tokens=False)["input_ids"])
-                completion_ids.append(ids)
-                env_mask.append(mask)
-                logprobs.append(lps)
-        finally:
-            if was_training:
-                model.train()
-        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs, "env_mask": env_mask}
-
-    return rollout
+    head = prompt_text(tok, p)
+    ids, mask, lps = [], [], []
+    text = ""  # the completion so far, as text
+    chosen: list[str] = []
+    state = PrefixCache(model)
+    for i in range(p.n):
+        piece = ("<think>" if i == 0 else "\n") + cell_line(i, p.genes[i], k)
+        _extend(tok, ids, mask, lps, piece)
+        text += piece
+        scores = slot_scores(model, tok, head + text, p.candidates, state)
+        free = [j for j, c in enumerate(p.candidates) if c not in chosen]
+        z = scores[free] / max(temperature, 1e-6)
+        prob = np.exp(z - z.max())
+        j = free[int(rng.choice(len(free), p=prob / prob.sum()))]
+        state.commit(j)
+        chosen.append(p.candidates[j])
+        text += p.candidates[j]
+        own = tok(p.candidates[j], add_special_tokens=False)["input_ids"]
+        ids += own
+        mask += [1] * len(own)
+        lps += [float(scores[j]) / len(own)] * len(own)
+    _extend(tok, ids, mask, lps, f"</think>\n<answer>{ANSWER_SEP.join(chosen)}</answer>")
+    if tok.eos_token_id is not None:
+        ids, mask, lps = ids + [tok.eos_token_id], mask + [0], lps + [0.0]
+    return ids, mask, lps
 
 
 def _extend(tok, ids: list, mask: list, lps: list, text: str) -> None:
@@ -80,3 +64,84 @@ def _extend(tok, ids: list, mask: list, lps: list, text: str) -> None:
     ids += new
     mask += [0] * len(new)
     lps += [0.0] * len(new)
+
+
+class _Eval:
+    """The model in eval mode for the block, then back to how it was."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        if self.was_training:
+            self.model.train()
+
+
+def scaffold_rollout(tok, puzzles: list[Puzzle], k: int, temperature: float = 1.0, seed: int = 0):
+    """A ``rollout_func(prompts, trainer)`` for GRPOTrainer over these (already shown) puzzles."""
+    from ..decode import prompt_text
+
+    by_prompt = {p.user_msg: p for p in puzzles}
+    rng = np.random.default_rng(seed)
+
+    def rollout(prompts, trainer) -> dict:
+        out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": []}
+        with _Eval(trainer.model):
+            for messages in prompts:
+                p = by_prompt[messages[-1]["content"]]
+                ids, mask, lps = sample_completion(trainer.model, tok, p, k, temperature, rng)
+                out["prompt_ids"].append(tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"])
+                out["completion_ids"].append(ids)
+                out["env_mask"].append(mask)
+                out["logprobs"].append(lps)
+        return out
+
+    return rollout
+
+
+class ScaffoldGenerate:
+    """Stands in for the policy's ``generate`` while TRL's PPOTrainer rolls out: same call
+    (left-padded ``input_ids`` with pad ids zeroed, ``attention_mask``, ``generation_config``),
+    same result (``sequences`` = query + completion right-padded with the pad id, ``scores``
+    = one [batch, vocab] tensor per completion position).
+
+    The completions are scaffold rollouts. The scores are the policy's own logits at each
+    completion position over the whole sequence, divided by the temperature, computed with
+    TRL's PPO forward pass: exactly what PPOTrainer computes for the new log-probabilities
+    in its update, so the first update's ratio is 1 as on-policy PPO expects. Each query is
+    matched to its puzzle by its token ids (``queries``: ids tuple -> shown puzzle)."""
+
+    def __init__(self, model, tok, queries: dict[tuple, Puzzle], k: int, seed: int = 0):
+        self.model, self.tok, self.queries, self.k = model, tok, queries, k
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, input_ids, attention_mask, generation_config, **kwargs):
+        import torch
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+        from trl.experimental.ppo.ppo_trainer import forward
+
+        from ..errors import CellPuzzlesError
+
+        pad = self.tok.pad_token_id
+        temperature = float(generation_config.temperature or 1.0)
+        budget = int(generation_config.max_new_tokens)
+        rows = []
+        with _Eval(self.model):
+            for ids, mask in zip(input_ids.tolist(), attention_mask.bool().tolist()):
+                key = tuple(i for i, m in zip(ids, mask) if m)
+                p = self.queries.get(key)
+                if p is None:
+                    raise CellPuzzlesError("PPO scaffold rollout: a query is not one of the training prompts")
+                rows.append(sample_completion(self.model, self.tok, p, self.k, temperature, self.rng)[0][:budget])
+            width = max(len(r) for r in rows)
+            completion = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=input_ids.device)
+            queries = torch.masked_fill(input_ids, ~attention_mask.bool(), pad)
+            sequences = torch.cat([queries, completion], 1)
+            with torch.no_grad():
+                logits = forward(self.model, sequences, pad).logits[:, input_ids.shape[1] - 1 : -1]
+            logits = logits.float() / temperature
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(logits.unbind(1)))
