@@ -5,6 +5,7 @@ import json
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from cellpuzzles.data.bundled import materialise
@@ -28,7 +29,7 @@ from cellpuzzles.train.model import (
 )
 from cellpuzzles.train.rl import train_rl
 from cellpuzzles.train.rl_common import RLOptions
-from cellpuzzles.train.scaffold_rollout import scaffold_rollout
+from cellpuzzles.train.scaffold_rollout import sample_batch, sample_completion, scaffold_rollout
 from cellpuzzles.train.sft import SFTOptions, sft
 
 SMALL = TinyConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -221,6 +222,21 @@ def test_scaffold_rollouts_are_valid_and_only_the_types_are_the_policys(world, s
         # the policy's tokens are exactly the sampled types, in cell order
         assert [t for t, m in zip(ids, mask) if m] == [t for c in labels for t in tok(c, add_special_tokens=False)["input_ids"]]
         assert out["prompt_ids"][i] == tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"]
+
+
+def test_batched_scaffold_rollouts_match_one_by_one(world, scaffold_model):
+    """Rollouts of many puzzles in one batch (slot i of all puzzles per forward pass) write the
+    same tokens, mask and log-likelihoods as one puzzle at a time when sampling is greedy."""
+    model, tok, prompt = load_model(scaffold_model)
+    train = world["splits"]["train"]
+    puzzles = [prompt.apply(p) for p in train[:: max(1, len(train) // 12)][:12]]
+    assert len({p.n for p in puzzles}) > 1  # rows of different lengths share the batch
+    rng = np.random.default_rng(0)
+    batched = sample_batch(model, tok, puzzles, 6, 1e-9, rng)
+    for p, (ids, mask, lps) in zip(puzzles, batched):
+        one = sample_completion(model, tok, p, 6, 1e-9, rng)
+        assert ids == one[0] and mask == one[1]
+        np.testing.assert_allclose(lps, one[2], atol=1e-4)
 
 
 def test_grpo_with_scaffold_rollouts_gets_a_reward_signal(world, scaffold_model, tmp_path):

@@ -180,5 +180,10 @@ def test_train_ppo_with_scaffold_rollouts_always_scores_and_learns(tiny, tmp_pat
     for row, p in zip(res.sequences[:, width:].tolist(), train[:2]):
         text = tok.decode(row, skip_special_tokens=True)
         assert sorted(split_labels(extract_answer(text))) == sorted(p.candidates)
-    assert len(res.scores) == res.sequences.shape[1] - width
-    assert torch.isfinite(torch.stack(res.scores, 1)).all()
+    # the scores are the policy's own logits over the whole sequence (temperature 1), exactly
+    # what PPOTrainer's update recomputes, so the first update's ratio is 1
+    from trl.experimental.ppo.ppo_trainer import forward
+
+    with torch.no_grad():
+        logits = forward(after, res.sequences, tok.pad_token_id).logits[:, width - 1 : -1]
+    torch.testing.assert_close(torch.stack(res.scores, 1), logits.float())

@@ -42,10 +42,7 @@ def sample_completion(model, tok, p: Puzzle, k: int, temperature: float, rng) ->
         _extend(tok, ids, mask, lps, piece)
         text += piece
         scores = slot_scores(model, tok, head + text, p.candidates, state)
-        free = [j for j, c in enumerate(p.candidates) if c not in chosen]
-        z = scores[free] / max(temperature, 1e-6)
-        prob = np.exp(z - z.max())
-        j = free[int(rng.choice(len(free), p=prob / prob.sum()))]
+        j = _sample(scores, {p.candidates.index(c) for c in chosen}, temperature, rng)
         state.commit(j)
         chosen.append(p.candidates[j])
         text += p.candidates[j]
@@ -53,6 +50,38 @@ def sample_completion(model, tok, p: Puzzle, k: int, temperature: float, rng) ->
         ids += own
         mask += [1] * len(own)
         lps += [float(scores[j]) / len(own)] * len(own)
+    return _finish(tok, ids, mask, lps, chosen)
+
+
+def sample_batch(model, tok, puzzles: list[Puzzle], k: int, temperature: float, rng) -> list[tuple[list, list, list]]:
+    """``sample_completion`` for many puzzles: slot i of all of them in one forward pass
+    (``scaffold_batch.fill_slots``) when every candidate is one token, else one by one."""
+    from ..scaffold_batch import batchable, fill_slots
+
+    if not batchable(tok, puzzles):
+        return [sample_completion(model, tok, p, k, temperature, rng) for p in puzzles]
+
+    def pick(r, i, scores, used):
+        return _sample(scores, used, temperature, rng)
+
+    out = []
+    for p, row in zip(puzzles, fill_slots(model, tok, puzzles, k, pick)):
+        own = iter(row["scores"][i, j] for i, j in enumerate(row["chosen"]))  # one token per type
+        lps = [float(next(own)) if m else 0.0 for m in row["mask"]]
+        out.append(_finish(tok, row["ids"], row["mask"], lps, [p.candidates[j] for j in row["chosen"]]))
+    return out
+
+
+def _sample(scores: np.ndarray, used: set, temperature: float, rng) -> int:
+    """A candidate index not in ``used``, drawn with probability ~ exp(score / temperature)."""
+    free = [j for j in range(len(scores)) if j not in used]
+    z = scores[free] / max(temperature, 1e-6)
+    prob = np.exp(z - z.max())
+    return free[int(rng.choice(len(free), p=prob / prob.sum()))]
+
+
+def _finish(tok, ids: list, mask: list, lps: list, chosen: list[str]) -> tuple[list, list, list]:
+    """Close the think part, write the answer (the environment's tokens) and EOS."""
     _extend(tok, ids, mask, lps, f"</think>\n<answer>{ANSWER_SEP.join(chosen)}</answer>")
     if tok.eos_token_id is not None:
         ids, mask, lps = ids + [tok.eos_token_id], mask + [0], lps + [0.0]
@@ -90,14 +119,14 @@ def scaffold_rollout(tok, puzzles: list[Puzzle], k: int, temperature: float = 1.
 
     def rollout(prompts, trainer) -> dict:
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "env_mask": []}
+        shown = [by_prompt[messages[-1]["content"]] for messages in prompts]
         with _Eval(trainer.model):
-            for messages in prompts:
-                p = by_prompt[messages[-1]["content"]]
-                ids, mask, lps = sample_completion(trainer.model, tok, p, k, temperature, rng)
-                out["prompt_ids"].append(tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"])
-                out["completion_ids"].append(ids)
-                out["env_mask"].append(mask)
-                out["logprobs"].append(lps)
+            rows = sample_batch(trainer.model, tok, shown, k, temperature, rng)
+        for p, (ids, mask, lps) in zip(shown, rows):
+            out["prompt_ids"].append(tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"])
+            out["completion_ids"].append(ids)
+            out["env_mask"].append(mask)
+            out["logprobs"].append(lps)
         return out
 
     return rollout
@@ -129,14 +158,14 @@ class ScaffoldGenerate:
         pad = self.tok.pad_token_id
         temperature = float(generation_config.temperature or 1.0)
         budget = int(generation_config.max_new_tokens)
-        rows = []
+        shown = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.bool().tolist()):
+            p = self.queries.get(tuple(i for i, m in zip(ids, mask) if m))
+            if p is None:
+                raise CellPuzzlesError("PPO scaffold rollout: a query is not one of the training prompts")
+            shown.append(p)
         with _Eval(self.model):
-            for ids, mask in zip(input_ids.tolist(), attention_mask.bool().tolist()):
-                key = tuple(i for i, m in zip(ids, mask) if m)
-                p = self.queries.get(key)
-                if p is None:
-                    raise CellPuzzlesError("PPO scaffold rollout: a query is not one of the training prompts")
-                rows.append(sample_completion(self.model, self.tok, p, self.k, temperature, self.rng)[0][:budget])
+            rows = [r[0][:budget] for r in sample_batch(self.model, self.tok, shown, self.k, temperature, self.rng)]
             width = max(len(r) for r in rows)
             completion = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=input_ids.device)
             queries = torch.masked_fill(input_ids, ~attention_mask.bool(), pad)
