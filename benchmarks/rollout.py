@@ -28,14 +28,7 @@ from __future__ import annotations
 import argparse
 import time
 
-SHAPES = {  # Qwen2.5 configs (as benchmarks/sft_gpu.py)
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, vocab_size=151936),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936),
-    "toy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=512),
-}
+from sft_gpu import SHAPES  # Qwen2.5 shapes, shared with the SFT benchmark (same folder)
 
 
 def _sync():

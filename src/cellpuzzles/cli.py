@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="'tiny' (default, built from scratch) or a Hugging Face model folder")
     p.add_argument("--sft-steps", type=int, default=None)
-    p.add_argument("--rl-steps", type=int, default=None, help="default: the algorithm's (grpo 40, ppo 60)")
+    p.add_argument("--rl-steps", type=int, default=None, help="default: the algorithm's (40)")
     p.add_argument("--rl-algo", choices=["grpo", "ppo"], default=None, help="default grpo")
     p.add_argument("--eval-limit", type=int, default=None, help="decode only the first K test puzzles")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -385,9 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", default=None, help="validation puzzles for batch accuracy at eval steps")
     p.add_argument("--model", required=True, help="the SFT model folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=None, help="default: grpo 40, ppo 60")
-    p.add_argument("--lr", type=float, default=None, help="default: grpo 5e-4, ppo 1e-4 (tuned on the tiny model)")
-    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None, help="default: 40")
+    p.add_argument("--lr", type=float, default=None, help="default: grpo 5e-4, ppo 2e-4 (tuned on the tiny model)")
+    p.add_argument("--prompts-per-step", type=int, default=None, help="default: grpo 8 (x num-generations), ppo 32")
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--beta", type=float, default=None,
                    help="KL coefficient to the reference policy; default: grpo 0.001, ppo 0.01")

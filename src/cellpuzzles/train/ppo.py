@@ -199,6 +199,9 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
+    if opt.rollout == "vllm":
+        raise CellPuzzlesError("--rollout vllm: TRL's PPOTrainer generates with the policy itself; use --algo grpo "
+                               "for vLLM rollouts, or --rollout hf")
     if len(train) < opt.prompts_per_step:
         # TRL's dataloader drops the last partial batch: with fewer prompts than one batch
         # it would yield nothing, and PPOTrainer's endless data iterator would spin forever
@@ -208,9 +211,6 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
     bf16 = cuda and torch.cuda.is_bf16_supported()
     model, tok, prompt = load_model(model_path)
     rollout = resolve_rollout(opt.rollout, prompt)
-    if rollout == "vllm":
-        raise CellPuzzlesError("--rollout vllm: TRL's PPOTrainer generates with the policy itself; use --algo grpo "
-                               "for vLLM rollouts, or --rollout hf")
     dtype = model.dtype
     is_tiny = model.num_parameters() < 20_000_000
     use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora
