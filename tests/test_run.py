@@ -112,3 +112,23 @@ def test_synthetic_multi_donor_file_through_every_command(tmp_path):
     mk = json.loads((tmp_path / "e" / "metrics_markers.json").read_text())
     rnd = json.loads((tmp_path / "e" / "metrics_random.json").read_text())
     assert mk["batch_accuracy"] > rnd["batch_accuracy"]
+
+
+def test_cached_steps_made_by_other_code_are_dropped(tmp_path, capsys):
+    """kfp.local's cache key does not cover the code behind a step: `cellpuzzles run` forgets
+    cached steps when the code fingerprint changed (or is unknown), and keeps them otherwise."""
+    from cellpuzzles.run import code_fingerprint, drop_stale_cache
+
+    fp = code_fingerprint()
+    assert fp == code_fingerprint() and len(fp) == 16
+    cache = tmp_path / ".kfp_cache"
+    cache.mkdir()
+    (cache / "step.json").write_text("{}")
+    assert drop_stale_cache(tmp_path, fp)  # a cache of unknown provenance
+    assert not cache.exists() and "running every step again" in capsys.readouterr().out
+    cache.mkdir()
+    (cache / "step.json").write_text("{}")
+    assert not drop_stale_cache(tmp_path, fp)  # same code: reused
+    assert (cache / "step.json").is_file()
+    assert drop_stale_cache(tmp_path, "0" * 16)  # other code
+    assert not cache.exists() and (tmp_path / ".code_fingerprint").read_text().strip() == "0" * 16

@@ -35,6 +35,40 @@ class RunOptions:
     cache: bool = True  # reuse finished upstream steps of an earlier run into the same OUT
 
 
+def code_fingerprint() -> str:
+    """A hash of the code the steps run: the cellpuzzles package with its components and
+    pipeline. kfp.local's cache key covers a step's inputs and image tag (the package
+    version), not the code behind them, so this decides whether cached steps are still valid."""
+    import hashlib
+
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    roots = [pkg]
+    for sub in ("components", "pipelines"):  # installed from the repository root (see pyproject)
+        mod = sys.modules.get(f"{__package__}.{sub}") or __import__(f"{__package__}.{sub}", fromlist=["_"])
+        roots += [Path(d).resolve() for d in getattr(mod, "__path__", []) if Path(d).resolve() != pkg / sub]
+    for root in roots:
+        for f in sorted(root.rglob("*")):
+            if f.is_file() and f.suffix in (".py", ".json", ".jinja", ".yaml") and "__pycache__" not in f.parts:
+                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def drop_stale_cache(root: Path, fingerprint: str) -> bool:
+    """Forget kfp.local's cached steps under ``root`` when they were made by other code (or
+    by code of unknown fingerprint); record the current fingerprint. True if dropped."""
+    import shutil
+
+    cache, mark = root / ".kfp_cache", root / ".code_fingerprint"
+    known = mark.read_text().strip() if mark.is_file() else None
+    dropped = cache.exists() and known != fingerprint
+    if dropped:
+        print(f"the code changed since the cached steps in {root} ran: running every step again", flush=True)
+        shutil.rmtree(cache)
+    atomic.write_text(mark, fingerprint + "\n")
+    return dropped
+
+
 class _Progress(io.TextIOBase):
     """stdout during the pipeline: every line to the log, progress lines to the terminal."""
 
@@ -114,6 +148,8 @@ def run(opt: RunOptions) -> dict:
     # the steps run in this Python environment, as intended, not in their images
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+    if opt.cache:
+        drop_stale_cache(root, code_fingerprint())
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                    enable_caching=opt.cache, workspace_root=str(out / "kfp-workspace"))
     print(f"running the retraining pipeline with kfp.local (task log: {out / 'pipeline.log'})", flush=True)
