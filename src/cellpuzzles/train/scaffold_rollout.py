@@ -10,8 +10,9 @@ plus the answer, so it is always a valid permutation and the batch reward is alw
 informative. For GRPO only the sampled type tokens are the policy's (``env_mask`` 1); the
 scaffold and answer tokens are the environment's (0), so the loss, the KL and the length
 statistics cover the decisions alone. TRL's PPOTrainer has no such mask: there every
-completion token counts as the policy's, the forced ones included (their probability under
-the SFT model is close to 1, so they add little to the ratio or the KL).
+completion token counts as the policy's, the forced ones included, in the ratio and in the
+KL. With a weak KL term the policy drifts on them, hence PPO's larger default beta
+(``rl_common.ALGO_DEFAULTS``); stopping their gradient instead measured worse.
 
 Why: the tiny model's free rollouts almost never end in a valid answer, so every rollout
 scores -1, the group advantage (GRPO) and the score signal (PPO) are zero and RL learns
