@@ -76,7 +76,7 @@ def retrain_pipeline(
     sft_batch_size: int = 16,
     rl_algo: str = "grpo",
     # 0 / 0 / < 0: the algorithm's tuned default (grpo 40 steps, lr 5e-4, beta 0.001;
-    # ppo 40, 2e-4, 0.01 with 32 prompts per step: cellpuzzles.train.rl_common.ALGO_DEFAULTS)
+    # ppo 40, 1e-3, 0.01 with 32 prompts per step: cellpuzzles.train.rl_common.ALGO_DEFAULTS)
     rl_steps: int = 0,
     rl_learning_rate: float = 0.0,
     rl_beta: float = -1.0,

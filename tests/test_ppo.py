@@ -187,3 +187,60 @@ def test_train_ppo_with_scaffold_rollouts_always_scores_and_learns(tiny, tmp_pat
     with torch.no_grad():
         logits = forward(after, res.sequences, tok.pad_token_id).logits[:, width - 1 : -1]
     torch.testing.assert_close(torch.stack(res.scores, 1), logits.float())
+
+
+def test_env_tokens_make_the_scaffold_the_environments(tiny, tmp_path):
+    """With ``EnvTokens`` attached, PPO's forward pass gives every forced scaffold token
+    log-probability 0 (ratio 1, KL 0, no gradient) and leaves the sampled types' logits as
+    they were; after ``detach`` the model's forward is its own again."""
+    from trl.experimental.ppo.ppo_trainer import forward
+
+    from cellpuzzles.train.ppo_env_tokens import EnvTokens
+
+    train, _, folder = tiny
+    marked = tmp_path / "scaffold-model"
+    shutil.copytree(folder, marked)
+    (marked / "cellpuzzles.json").write_text(json.dumps({"genes_per_cell": None, "restated_genes": 3}))
+    model, tok, _ = load_model(marked)
+    pad = tok.pad_token_id
+    env = EnvTokens(pad).attach(model)
+    gen = ScaffoldGenerate(model, tok, {tuple(prompt_ids(tok, p)): p for p in train}, 3, seed=1, env=env)
+    q = [prompt_ids(tok, p) for p in train[:2]]
+    width = max(map(len, q))
+    ids = torch.tensor([[pad] * (width - len(x)) + x for x in q])
+    mask = (ids != pad).long()
+    res = gen(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(max_new_tokens=200, temperature=1.0))
+    seq, resp = res.sequences, res.sequences[:, width:]
+    assert len(env.rows) == 2
+    model.zero_grad()
+    out = forward(model, seq, pad).logits[:, width - 1 : -1]
+    lp = torch.log_softmax(out.float(), -1).gather(-1, resp[..., None])[..., 0]
+    env.detach()
+    with torch.no_grad():
+        plain = forward(model, seq, pad).logits[:, width - 1 : -1]
+    plain_lp = torch.log_softmax(plain.float(), -1).gather(-1, resp[..., None])[..., 0]
+    decided = torch.zeros_like(resp, dtype=torch.bool)  # where the policy sampled a type
+    free = torch.zeros(out.shape, dtype=torch.bool)  # the candidates still free there
+    for b, p in enumerate(train[:2]):
+        row = resp[b].tolist()
+        cand = [tok(c, add_special_tokens=False)["input_ids"][0] for c in p.candidates]
+        slots = [j for j in range(1, len(row)) if row[j] in cand and tok.decode(row[:j]).endswith("-> ")]
+        assert len(slots) == p.n  # one sampled type per cell
+        decided[b, slots] = True
+        for i, j in enumerate(slots):
+            free[b, j, [c for c in cand if c not in row[slots[0]:j]]] = True
+    forced = (resp != pad) & ~decided
+    assert forced.sum() > 5 * decided.sum()  # the scaffold is most of the completion
+    assert torch.all(lp[forced] == 0) and torch.all(plain_lp[forced] < 0)
+    # at a decision the policy is a softmax over the free candidates, from the model's own logits
+    masked = plain.float().masked_fill(~free, float("-inf"))
+    want = torch.log_softmax(masked, -1).gather(-1, resp[..., None])[..., 0]
+    torch.testing.assert_close(lp[decided], want[decided])
+    assert torch.all(plain_lp[decided] < want[decided] - 1e-4)  # mass on other tokens is gone
+    # the scores PPO gets at rollout time are the same logits
+    torch.testing.assert_close(torch.stack(res.scores, 1), out.detach().float())
+    # no gradient reaches the parameters through a forced token; the decisions' does
+    lp[forced].sum().backward(retain_graph=True)
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
+    lp[decided].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())

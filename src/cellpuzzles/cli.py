@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the SFT model folder")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=None, help="default: 40")
-    p.add_argument("--lr", type=float, default=None, help="default: grpo 5e-4, ppo 2e-4 (tuned on the tiny model)")
+    p.add_argument("--lr", type=float, default=None, help="default: grpo 5e-4, ppo 1e-3 (tuned on the tiny model)")
     p.add_argument("--prompts-per-step", type=int, default=None, help="default: grpo 8 (x num-generations), ppo 32")
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--beta", type=float, default=None,

@@ -9,7 +9,15 @@ loss. What this module adds: the rule reward as a "reward model" TRL can call
 reward spread / format ratio / completion length, validation accuracy, and the final save.
 For a model trained on scaffold traces (``--rollout auto`` or ``scaffold``) the policy's
 ``generate`` writes scaffold rollouts (``ScaffoldGenerate``): TRL calls it as it calls
-``generate`` and gets sequences and scores in the same shapes.
+``generate`` and gets sequences and scores in the same shapes. A forward hook on the policy
+and the reference (``ppo_env_tokens.EnvTokens``) then makes the scaffold's tokens the
+environment's: only the sampled types are actions, over the candidates still free.
+
+Advantages: GAE with gamma = lambda = 1 (verl's defaults, the framework of Cell-o1's PPO),
+so each decision's advantage is the batch reward (plus the later KL terms) minus the critic's
+value: one terminal reward after ~20 environment tokens per decision gives a freshly
+initialised critic's errors no place to bias it. TRL's default lambda 0.95 discounts the
+reward by 0.95**20 per cell across the scaffold and leans on the critic.
 
 Resume: not supported by TRL 1.12's PPOTrainer. ``PPOTrainer.train()`` takes no
 ``resume_from_checkpoint``, resets ``global_step`` and the episode counter to 0, and its
@@ -38,6 +46,7 @@ from ..puzzle import Puzzle, is_well_formed
 from ..reward import batch_reward
 from .callbacks import MetricsLogger, ValidationAccuracy
 from .model import PromptOptions, load_model, lora, save
+from .ppo_env_tokens import EnvTokens
 from .rl_common import RLOptions, completion_budget, resolve_rollout, trainer_args
 from .scaffold_rollout import ScaffoldGenerate
 
@@ -48,6 +57,7 @@ from .scaffold_rollout import ScaffoldGenerate
 PPO_EPOCHS_GPU = 4
 PPO_EPOCHS_CPU = 2
 NUM_MINI_BATCHES = 1
+GAE_LAMBDA = 1.0  # Monte Carlo returns with the critic as baseline (see the module docstring)
 
 
 def _key(ids: np.ndarray) -> bytes:
@@ -233,9 +243,12 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
                                "template token); give the tokenizer a distinct pad token")
     ds = Dataset.from_dict({"input_ids": ids}).shuffle(seed=opt.seed)
     reward_model = RuleRewardModel(tok, ids, [p.answer_text for p in shown])
+    env = None
     if rollout == "scaffold":  # the policy's generate writes scaffold rollouts (train/scaffold_rollout.py)
+        # only the sampled types are the policy's actions; the scaffold is the environment's
+        env = EnvTokens(tok.pad_token_id).attach(model, ref)
         model.generate = ScaffoldGenerate(model, tok, {tuple(x): p for x, p in zip(ids, shown)},
-                                          prompt.restated_genes, opt.seed)
+                                          prompt.restated_genes, opt.seed, env)
     logger = logger or MetricsLogger("rl")
     ckpt = Path(f"{out}.ckpt")
     if opt.resume and any(ckpt.glob("checkpoint-*")):
@@ -250,6 +263,8 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
         num_mini_batches=NUM_MINI_BATCHES,
         num_ppo_epochs=PPO_EPOCHS_GPU if cuda else PPO_EPOCHS_CPU,
         kl_coef=opt.beta,
+        gamma=1.0,
+        lam=GAE_LAMBDA,
         response_length=completion_budget(train, opt),
         stop_token="eos",
         missing_eos_penalty=None,  # the rule reward already gives -1 to anything cut off mid-format
@@ -264,7 +279,11 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
         callbacks=[logger, _RewardStats(reward_model, logger),
                    _PolicyValidation(shown_val, tok, logger, every=opt.eval_steps, restated_genes=prompt.restated_genes)],
     )
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if env is not None:
+            env.detach()
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
     policy.__dict__.pop("generate", None)  # the class's own generate again
     final = policy.merge_and_unload() if use_lora else policy

@@ -9,10 +9,8 @@ that slot (temperature applies). The completion is then the scaffold with the sa
 plus the answer, so it is always a valid permutation and the batch reward is always
 informative. For GRPO only the sampled type tokens are the policy's (``env_mask`` 1); the
 scaffold and answer tokens are the environment's (0), so the loss, the KL and the length
-statistics cover the decisions alone. TRL's PPOTrainer has no such mask: there every
-completion token counts as the policy's, the forced ones included, in the ratio and in the
-KL. With a weak KL term the policy drifts on them, hence PPO's larger default beta
-(``rl_common.ALGO_DEFAULTS``); stopping their gradient instead measured worse.
+statistics cover the decisions alone. TRL's PPOTrainer has no such mask; there a forward
+hook does the same (``ppo_env_tokens.EnvTokens``, registered by ``ScaffoldGenerate``).
 
 Why: the tiny model's free rollouts almost never end in a valid answer, so every rollout
 scores -1, the group advantage (GRPO) and the score signal (PPO) are zero and RL learns
@@ -143,11 +141,26 @@ class ScaffoldGenerate:
     completion position over the whole sequence, divided by the temperature, computed with
     TRL's PPO forward pass: exactly what PPOTrainer computes for the new log-probabilities
     in its update, so the first update's ratio is 1 as on-policy PPO expects. Each query is
-    matched to its puzzle by its token ids (``queries``: ids tuple -> shown puzzle)."""
+    matched to its puzzle by its token ids (``queries``: ids tuple -> shown puzzle). With
+    ``env`` (``ppo_env_tokens.EnvTokens``) the batch's forced tokens are registered first, so
+    these scores, like every later PPO forward pass, treat them as the environment's."""
 
-    def __init__(self, model, tok, queries: dict[tuple, Puzzle], k: int, seed: int = 0):
-        self.model, self.tok, self.queries, self.k = model, tok, queries, k
+    def __init__(self, model, tok, queries: dict[tuple, Puzzle], k: int, seed: int = 0, env=None):
+        self.model, self.tok, self.queries, self.k, self.env = model, tok, queries, k, env
         self.rng = np.random.default_rng(seed)
+
+    def _free(self, p: Puzzle, ids: list, mask: list) -> list[list[int]] | None:
+        """The candidates' token ids still free at each decision (one token per type), or
+        None when a candidate spans several tokens."""
+        cand = [self.tok(c, add_special_tokens=False)["input_ids"] for c in p.candidates]
+        if any(len(c) != 1 for c in cand):
+            return None
+        free, out = [c[0] for c in cand], []
+        for t, m in zip(ids, mask):
+            if m:
+                out.append(list(free))
+                free.remove(t)
+        return out
 
     def __call__(self, input_ids, attention_mask, generation_config, **kwargs):
         import torch
@@ -159,14 +172,21 @@ class ScaffoldGenerate:
         pad = self.tok.pad_token_id
         temperature = float(generation_config.temperature or 1.0)
         budget = int(generation_config.max_new_tokens)
-        shown = []
+        shown, unpadded = [], []
         for ids, mask in zip(input_ids.tolist(), attention_mask.bool().tolist()):
-            p = self.queries.get(tuple(i for i, m in zip(ids, mask) if m))
+            q = [i for i, m in zip(ids, mask) if m]
+            p = self.queries.get(tuple(q))
             if p is None:
                 raise CellPuzzlesError("PPO scaffold rollout: a query is not one of the training prompts")
             shown.append(p)
+            unpadded.append(q)
         with _Eval(self.model):
-            rows = [r[0][:budget] for r in sample_batch(self.model, self.tok, shown, self.k, temperature, self.rng)]
+            sampled = sample_batch(self.model, self.tok, shown, self.k, temperature, self.rng)
+            rows = [r[0][:budget] for r in sampled]
+            if self.env is not None:
+                self.env.reset()
+                for q, p, (ids, mask, _) in zip(unpadded, shown, sampled):
+                    self.env.register(q, ids[:budget], [m == 0 for m in mask[:budget]], self._free(p, ids, mask))
             width = max(len(r) for r in rows)
             completion = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=input_ids.device)
             queries = torch.masked_fill(input_ids, ~attention_mask.bool(), pad)

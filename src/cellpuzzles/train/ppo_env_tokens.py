@@ -1,0 +1,119 @@
+"""The scaffold's tokens as the environment's, for TRL's PPOTrainer (which has no env mask).
+
+A scaffold rollout (``scaffold_rollout.ScaffoldGenerate``) is mostly text the environment
+writes: ``Cell i: <genes> -> `` before each choice, and the answer after. Only the sampled
+type tokens are the policy's decisions. GRPO gets that as ``env_mask``; TRL 1.12's
+PPOTrainer counts every completion token as an action, in the ratio, the policy gradient,
+the per-token KL and the entropy. Measured on the default: ~20 forced tokens per decision
+then dominate the update (the forced tokens' gradient noise fills the clipped gradient norm,
+and their summed KL, tens of nats, swamps the batch reward in the return), and the training
+reward fell while PPO trained.
+
+``EnvTokens`` is a forward hook on the policy and the reference model. For the rows of the
+current rollout batch (registered by ``ScaffoldGenerate``, matched by their token ids) it
+replaces the logits that predict a forced token with a constant that gives that token
+probability 1: its log-probability is 0 under the policy and the reference alike, so its
+ratio is 1, its KL and entropy 0, and it carries no gradient. At each decision it keeps only
+the logits of the candidates still free (when they are given), so the policy PPO optimises
+is the one the rollout sampled from: a softmax over the free candidates. Without that, the
+k1 KL estimate on the sampled types went negative (tens of nats) as the policy moved mass to
+tokens it can never emit. The hidden states of every position (which the decisions attend
+to) are untouched. Any other forward (sampling, validation, evaluation) matches no
+registered row and passes through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+# a logit far below any real one: exp(FLOOR) underflows to 0 in bf16, fp16 and fp32
+FLOOR = -1e4
+
+
+def _key(ids) -> bytes:
+    return hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+
+class EnvTokens:
+    """Registry of the current rollout batch and the forward hook that uses it."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+        self.rows: dict[bytes, tuple[int, np.ndarray, list | None]] = {}
+        self._handles = []
+
+    def reset(self) -> None:
+        self.rows.clear()
+
+    def register(self, query: list[int], completion: list[int], forced: list[bool],
+                 allowed: list[list[int]] | None = None) -> None:
+        """One rollout: the unpadded query ids, the completion ids, which completion tokens
+        the environment wrote, and (optional) the token ids the policy could choose from at
+        each of its decisions, in order. Keyed by the non-pad ids, as PPO's forward sees the row."""
+        row = np.asarray(query + completion, dtype=np.int64)
+        self.rows[_key(row[row != self.pad])] = (len(query), np.asarray(forced, dtype=bool), allowed)
+
+    def attach(self, *models) -> EnvTokens:
+        for m in models:
+            if m is not None:
+                self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()
+
+    def positions(self, input_ids: torch.Tensor) -> tuple[list, list]:
+        """Logit positions that predict a forced token, as (row, position, forced token id),
+        and those that make a decision with its choices given, as (row, position, allowed ids)."""
+        forced_at, decided_at = [], []
+        ids = input_ids.detach().cpu().numpy()
+        for b, row in enumerate(ids):
+            keep = row != self.pad
+            hit = self.rows.get(_key(row[keep]))
+            if hit is None:
+                continue
+            qlen, forced, allowed = hit
+            start = int(np.argmax(keep))
+            for d, j in enumerate(np.flatnonzero(~forced)):
+                t = start + qlen + int(j)  # the decision's position in the padded row
+                if allowed is not None and 0 < t < len(row):
+                    decided_at.append((b, t - 1, allowed[d]))
+            for j in np.flatnonzero(forced):
+                t = start + qlen + int(j)
+                if 0 < t < len(row):
+                    forced_at.append((b, t - 1, int(row[t])))
+        return forced_at, decided_at
+
+    def _hook(self, module, args, kwargs, output):
+        if not self.rows:
+            return output
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = getattr(output, "logits", None)
+        if input_ids is None or logits is None or logits.shape[1] != input_ids.shape[1]:
+            return output
+        forced_at, decided_at = self.positions(input_ids)
+        if not forced_at and not decided_at:
+            return output
+        dev, vocab = logits.device, logits.shape[-1]
+        logits = logits.clone()
+        if decided_at:
+            r = torch.tensor([x[0] for x in decided_at], device=dev)
+            p = torch.tensor([x[1] for x in decided_at], device=dev)
+            free = torch.zeros(len(decided_at), vocab, dtype=torch.bool, device=dev)
+            for i, (_, _, allowed) in enumerate(decided_at):
+                free[i, allowed] = True
+            logits[r, p] = torch.where(free, logits[r, p], torch.full_like(logits[r, p], FLOOR))
+        if forced_at:
+            r = torch.tensor([x[0] for x in forced_at], device=dev)
+            p = torch.tensor([x[1] for x in forced_at], device=dev)
+            fill = torch.full((len(forced_at), vocab), FLOOR, dtype=logits.dtype, device=dev)
+            fill[torch.arange(len(forced_at), device=dev), torch.tensor([x[2] for x in forced_at], device=dev)] = 0
+            logits[r, p] = fill
+        output.logits = logits
+        return output
