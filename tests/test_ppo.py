@@ -135,15 +135,53 @@ def test_train_ppo_needs_a_full_batch(tiny, tmp_path):
         train_ppo(train[:1], val, folder, tmp_path / "x", RLOptions(algo="ppo", prompts_per_step=2))
 
 
-def test_train_ppo_says_it_cannot_resume(tiny, tmp_path):
-    """TRL 1.12's PPOTrainer has no resume: a leftover checkpoint is reported, not used."""
+def test_train_ppo_resumes_after_a_crash(tiny, tmp_path, monkeypatch):
+    """A PPO run that dies after its step-2 checkpoint resumes there: checkpoints hold the
+    value model too, the resumed run logs steps 3-4 only, at the learning rates an unbroken
+    run would use, and the final model is written. A checkpoint without its value model is
+    not taken for a complete one."""
     train, val, folder = tiny
-    (tmp_path / "ppo.ckpt" / "checkpoint-1").mkdir(parents=True)
-    opt = RLOptions(algo="ppo", max_steps=1, prompts_per_step=2, max_completion_length=8, eval_steps=10,
-                    save_steps=10, val_size=1, resume=True)
-    with pytest.warns(UserWarning, match="cannot resume"):
-        out = train_ppo(train, val, folder, tmp_path / "ppo", opt)
+    opt = RLOptions(algo="ppo", max_steps=4, prompts_per_step=2, max_completion_length=8, eval_steps=10,
+                    save_steps=2, val_size=1, learning_rate=1e-3, resume=True, seed=0)
+    real = RuleRewardModel.rewards
+    calls = {"n": 0}
+
+    def dies_in_step_3(self, input_ids, attention_mask):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("node lost")
+        return real(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(RuleRewardModel, "rewards", dies_in_step_3)
+    with pytest.raises(RuntimeError, match="node lost"):
+        train_ppo(train, val, folder, tmp_path / "ppo", opt, MetricsLogger("rl"))
+    ckpt = tmp_path / "ppo.ckpt" / "checkpoint-2"
+    assert (ckpt / "value" / "config.json").is_file() and (ckpt / "optimizer.pt").is_file()
+    assert not (tmp_path / "ppo").exists()
+
+    monkeypatch.setattr(RuleRewardModel, "rewards", real)
+    logger = MetricsLogger("rl")
+    with pytest.warns(UserWarning, match="resumes from .*checkpoint-2"):
+        out = train_ppo(train, val, folder, tmp_path / "ppo", opt, logger)
     assert (out / "config.json").is_file()
+    lr = {h["step"]: h["lr"] for h in logger.history if "lr" in h}
+    assert sorted(lr) == [3, 4]
+    assert lr[3] == pytest.approx(1e-3 * 2 / 4) and lr[4] == pytest.approx(1e-3 * 1 / 4)
+    assert (tmp_path / "ppo.ckpt" / "checkpoint-4" / "value" / "config.json").is_file()
+    # a finished run resumed again returns its last checkpoint's policy as it is
+    shutil.copytree(tmp_path / "ppo.ckpt", tmp_path / "again.ckpt")
+    with pytest.warns(UserWarning, match="step 4 of 4"):
+        again = train_ppo(train, val, folder, tmp_path / "again", opt)
+    from safetensors.torch import load_file
+
+    saved, last = load_file(again / "model.safetensors"), load_file(tmp_path / "ppo.ckpt" / "checkpoint-4" / "model.safetensors")
+    assert saved.keys() == last.keys() and all(torch.equal(saved[k], last[k]) for k in saved)
+    assert any(not torch.equal(saved[k], v) for k, v in load_file(folder / "model.safetensors").items())
+
+    shutil.rmtree(tmp_path / "ppo.ckpt" / "checkpoint-4" / "value")
+    shutil.rmtree(tmp_path / "ppo.ckpt" / "checkpoint-2")
+    with pytest.raises(CellPuzzlesError, match="no complete PPO checkpoint"):
+        train_ppo(train, val, folder, tmp_path / "ppo", opt)
 
 
 def test_train_ppo_with_scaffold_rollouts_always_scores_and_learns(tiny, tmp_path):

@@ -19,12 +19,15 @@ value: one terminal reward after ~20 environment tokens per decision gives a fre
 initialised critic's errors no place to bias it. TRL's default lambda 0.95 discounts the
 reward by 0.95**20 per cell across the scaffold and leans on the critic.
 
-Resume: not supported by TRL 1.12's PPOTrainer. ``PPOTrainer.train()`` takes no
-``resume_from_checkpoint``, resets ``global_step`` and the episode counter to 0, and its
-checkpoints (``save_steps``) hold only the policy, optimizer and trainer state, not the
-value model's weights. A PPO run therefore always starts from ``model_path``; checkpoints
-under ``<out>.ckpt`` are written for inspection only, and ``opt.resume`` is reported as
-not honoured (a warning) instead of being faked.
+Resume: TRL 1.12's ``PPOTrainer.train()`` takes no ``resume_from_checkpoint`` and its
+checkpoints (``save_steps``) hold the policy, optimizer, scheduler and trainer state but not
+the value model. So ``_SaveValue`` writes the value model into each checkpoint
+(``checkpoint-N/value``), and with ``opt.resume`` a run whose ``<out>.ckpt`` holds a complete
+checkpoint continues from it: the policy and value weights and the optimizer state are
+loaded, the step counter starts at N, and the remaining steps run with the linear schedule
+continued (initial rate ``lr * (T - N) / T`` decaying to 0, the same rates as an unbroken
+run). The prompt order and the rollout sampling start afresh (TRL's data iterator cannot be
+fast-forwarded), which a warning says. The reference policy stays ``model_path``.
 """
 
 from __future__ import annotations
@@ -192,6 +195,42 @@ class _RewardStats(TrainerCallback):
                 self.logger.record(stats, state.global_step)
 
 
+class _SaveValue(TrainerCallback):
+    """TRL saves only the policy in a checkpoint; save the value model beside it."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        value = getattr(model, "value_model", None)
+        if value is not None:
+            value.save_pretrained(Path(args.output_dir) / f"checkpoint-{state.global_step}" / "value")
+
+
+class _StartAt(TrainerCallback):
+    """A resumed run counts its steps on from the checkpoint's (PPOTrainer resets them to 0)."""
+
+    def __init__(self, step: int, total: int):
+        self.step, self.total = step, total
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.global_step, state.max_steps = self.step, self.total
+
+
+def resume_point(ckpt: Path) -> tuple[Path, int] | None:
+    """The newest checkpoint PPO can resume from (policy, optimizer and value model saved)."""
+    found = []
+    for p in ckpt.glob("checkpoint-*") if ckpt.is_dir() else []:
+        tail = p.name.split("-")[-1]
+        if tail.isdigit():
+            found.append((int(tail), p))
+    for step, p in sorted(found, reverse=True):
+        weights = [*p.glob("model*.safetensors"), *p.glob("adapter_model.*")]
+        if weights and (p / "optimizer.pt").is_file() and (p / "value" / "config.json").is_file():
+            return p, step
+    if found:
+        raise CellPuzzlesError(f"{ckpt}: no complete PPO checkpoint (policy, optimizer.pt and value/ in one "
+                               "checkpoint-N); delete the folder to start again")
+    return None
+
+
 class _PolicyValidation(ValidationAccuracy):
     """PPOTrainer hands callbacks its policy+value wrapper; validate the policy inside it."""
 
@@ -224,14 +263,31 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
     dtype = model.dtype
     is_tiny = model.num_parameters() < 20_000_000
     use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora
+    ckpt = Path(f"{out}.ckpt")
+    start = resume_point(ckpt) if opt.resume else None
+    done = start[1] if start else 0
+    if start:
+        warnings.warn(f"PPO resumes from {start[0]} (step {done} of {opt.max_steps}): weights, optimizer and "
+                      "learning-rate schedule continue; prompt order and rollout sampling start afresh", stacklevel=2)
     if use_lora:
-        model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r)
+        if start:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(start[0]), is_trainable=True)
+        else:
+            model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r)
         ref = None  # PPOTrainer uses the policy with its adapter disabled: the starting policy
     else:
+        if start:
+            model = AutoModelForCausalLM.from_pretrained(str(start[0]), dtype=dtype, local_files_only=True)
         ref = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, local_files_only=True)
+    if done >= opt.max_steps:  # the run had finished: its last checkpoint is the result
+        final = model.merge_and_unload() if use_lora else model
+        return save(final, tok, out, prompt)
     # the critic: the policy checkpoint with a fresh one-output score head, trained in full
-    value = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=1, dtype=dtype,
-                                                               local_files_only=True)
+    # (on resume: the value model saved in the checkpoint)
+    value = AutoModelForSequenceClassification.from_pretrained(
+        str(start[0] / "value" if start else model_path), num_labels=1, dtype=dtype, local_files_only=True)
     value.config.pad_token_id = tok.pad_token_id
 
     shown = [prompt.apply(p) for p in train]
@@ -250,13 +306,11 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
         model.generate = ScaffoldGenerate(model, tok, {tuple(x): p for x, p in zip(ids, shown)},
                                           prompt.restated_genes, opt.seed, env)
     logger = logger or MetricsLogger("rl")
-    ckpt = Path(f"{out}.ckpt")
-    if opt.resume and any(ckpt.glob("checkpoint-*")):
-        warnings.warn(f"PPO cannot resume from {ckpt} (TRL 1.12's PPOTrainer has no resume support and does not "
-                      f"checkpoint the value model); starting again from {model_path}", stacklevel=2)
+    args = trainer_args(opt, str(ckpt))
+    args["learning_rate"] = opt.learning_rate * (opt.max_steps - done) / opt.max_steps  # the linear decay, continued
     cfg = PPOConfig(
-        **trainer_args(opt, str(ckpt)),
-        total_episodes=opt.max_steps * opt.prompts_per_step,  # one rollout per prompt: max_steps PPO steps
+        **args,
+        total_episodes=(opt.max_steps - done) * opt.prompts_per_step,  # one rollout per prompt: one PPO step each
         per_device_train_batch_size=opt.prompts_per_step,
         gradient_accumulation_steps=1,
         local_rollout_forward_batch_size=opt.prompts_per_step,
@@ -276,9 +330,11 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
     trainer = PPOTrainer(
         args=cfg, processing_class=tok, model=model, ref_model=ref, reward_model=reward_model,
         train_dataset=ds, value_model=value,
-        callbacks=[logger, _RewardStats(reward_model, logger),
+        callbacks=[_StartAt(done, opt.max_steps), _SaveValue(), logger, _RewardStats(reward_model, logger),
                    _PolicyValidation(shown_val, tok, logger, every=opt.eval_steps, restated_genes=prompt.restated_genes)],
     )
+    if start:
+        trainer.optimizer.load_state_dict(torch.load(start[0] / "optimizer.pt", map_location="cpu", weights_only=True))
     try:
         trainer.train()
     finally:
