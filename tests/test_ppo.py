@@ -178,6 +178,11 @@ def test_train_ppo_resumes_after_a_crash(tiny, tmp_path, monkeypatch):
     assert saved.keys() == last.keys() and all(torch.equal(saved[k], last[k]) for k in saved)
     assert any(not torch.equal(saved[k], v) for k, v in load_file(folder / "model.safetensors").items())
 
+    (tmp_path / "again.ckpt" / "checkpoint-2" / "optimizer.pt").write_bytes(b"truncated")
+    shutil.rmtree(tmp_path / "again.ckpt" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "again")
+    with pytest.raises(CellPuzzlesError, match="optimizer.pt is corrupt"):
+        train_ppo(train, val, folder, tmp_path / "again", opt)
     shutil.rmtree(tmp_path / "ppo.ckpt" / "checkpoint-4" / "value")
     shutil.rmtree(tmp_path / "ppo.ckpt" / "checkpoint-2")
     with pytest.raises(CellPuzzlesError, match="no complete PPO checkpoint"):

@@ -334,7 +334,12 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
                    _PolicyValidation(shown_val, tok, logger, every=opt.eval_steps, restated_genes=prompt.restated_genes)],
     )
     if start:
-        trainer.optimizer.load_state_dict(torch.load(start[0] / "optimizer.pt", map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(start[0] / "optimizer.pt", map_location="cpu", weights_only=True)
+            trainer.optimizer.load_state_dict(state)
+        except Exception as e:  # a truncated or foreign file: say which, not a torch traceback
+            raise CellPuzzlesError(f"{start[0]}/optimizer.pt is corrupt ({type(e).__name__}); delete {start[0]} to "
+                                   "resume from the checkpoint before it") from None
     try:
         trainer.train()
     finally:
