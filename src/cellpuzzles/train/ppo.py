@@ -32,7 +32,6 @@ fast-forwarded), which a warning says. The reference policy stays ``model_path``
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from ..puzzle import Puzzle, is_well_formed
 from ..reward import batch_reward
 from .callbacks import MetricsLogger, ValidationAccuracy
 from .model import PromptOptions, load_model, lora, save
-from .ppo_env_tokens import EnvTokens
+from .ppo_env_tokens import EnvTokens, ids_key
 from .rl_common import RLOptions, completion_budget, resolve_rollout, trainer_args
 from .scaffold_rollout import ScaffoldGenerate
 
@@ -61,10 +60,6 @@ PPO_EPOCHS_GPU = 4
 PPO_EPOCHS_CPU = 2
 NUM_MINI_BATCHES = 1
 GAE_LAMBDA = 1.0  # Monte Carlo returns with the critic as baseline (see the module docstring)
-
-
-def _key(ids: np.ndarray) -> bytes:
-    return hashlib.blake2b(ids.astype(np.int64, copy=False).tobytes(), digest_size=16).digest()
 
 
 @dataclass
@@ -117,7 +112,7 @@ class RuleRewardModel(nn.Module):
         self.eos_token_id = tokenizer.eos_token_id
         self.gold: dict[bytes, str] = {}
         for ids, a in zip(prompts, answers):
-            self.gold[_key(np.asarray(ids))] = a
+            self.gold[ids_key(ids)] = a
         self.lengths = sorted({len(ids) for ids in prompts})
         self.backbone = _Backbone(self.rewards)
         self.score = nn.Identity()
@@ -134,7 +129,7 @@ class RuleRewardModel(nn.Module):
         for n in self.lengths:  # one hash per distinct prompt length, not per prompt
             if n > len(ids):
                 break
-            gold = self.gold.get(_key(row[:n]))
+            gold = self.gold.get(ids_key(row[:n]))
             if gold is not None:
                 return gold, ids[n:]
         head = self.tok.decode(ids[:80], skip_special_tokens=False)

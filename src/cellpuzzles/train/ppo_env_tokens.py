@@ -33,7 +33,8 @@ import torch
 FLOOR = -1e4
 
 
-def _key(ids) -> bytes:
+def ids_key(ids) -> bytes:
+    """A short digest of a token id sequence (dictionary key for rows matched by their ids)."""
     return hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
@@ -54,7 +55,7 @@ class EnvTokens:
         the environment wrote, and (optional) the token ids the policy could choose from at
         each of its decisions, in order. Keyed by the non-pad ids, as PPO's forward sees the row."""
         row = np.asarray(query + completion, dtype=np.int64)
-        self.rows[_key(row[row != self.pad])] = (len(query), np.asarray(forced, dtype=bool), allowed)
+        self.rows[ids_key(row[row != self.pad])] = (len(query), np.asarray(forced, dtype=bool), allowed)
 
     def attach(self, *models) -> EnvTokens:
         for m in models:
@@ -69,26 +70,30 @@ class EnvTokens:
         self.reset()
 
     def positions(self, input_ids: torch.Tensor) -> tuple[list, list]:
-        """Logit positions that predict a forced token, as (row, position, forced token id),
-        and those that make a decision with its choices given, as (row, position, allowed ids)."""
-        forced_at, decided_at = [], []
+        """Logit positions that predict a forced token, as (rows, positions, forced token ids)
+        arrays, and those that make a decision with its choices given, as (row, position,
+        allowed ids) tuples."""
+        rows, pos, tgt, decided_at = [], [], [], []
         ids = input_ids.detach().cpu().numpy()
         for b, row in enumerate(ids):
             keep = row != self.pad
-            hit = self.rows.get(_key(row[keep]))
+            hit = self.rows.get(ids_key(row[keep]))
             if hit is None:
                 continue
             qlen, forced, allowed = hit
-            start = int(np.argmax(keep))
-            for d, j in enumerate(np.flatnonzero(~forced)):
-                t = start + qlen + int(j)  # the decision's position in the padded row
-                if allowed is not None and 0 < t < len(row):
-                    decided_at.append((b, t - 1, allowed[d]))
-            for j in np.flatnonzero(forced):
-                t = start + qlen + int(j)
-                if 0 < t < len(row):
-                    forced_at.append((b, t - 1, int(row[t])))
-        return forced_at, decided_at
+            at = int(np.argmax(keep)) + qlen  # the completion's first position in the padded row
+            t = at + np.flatnonzero(forced)
+            t = t[(t > 0) & (t < len(row))]
+            rows.append(np.full(len(t), b))
+            pos.append(t - 1)
+            tgt.append(row[t])
+            if allowed is not None:
+                for d, j in enumerate(np.flatnonzero(~forced)):
+                    if 0 < at + j < len(row):
+                        decided_at.append((b, at + int(j) - 1, allowed[d]))
+        if not rows:
+            return (np.zeros(0, int),) * 3, decided_at
+        return (np.concatenate(rows), np.concatenate(pos), np.concatenate(tgt)), decided_at
 
     def _hook(self, module, args, kwargs, output):
         if not self.rows:
@@ -97,8 +102,8 @@ class EnvTokens:
         logits = getattr(output, "logits", None)
         if input_ids is None or logits is None or logits.shape[1] != input_ids.shape[1]:
             return output
-        forced_at, decided_at = self.positions(input_ids)
-        if not forced_at and not decided_at:
+        (fr, fp, ft), decided_at = self.positions(input_ids)
+        if not len(fr) and not decided_at:
             return output
         dev, vocab = logits.device, logits.shape[-1]
         logits = logits.clone()
@@ -109,11 +114,9 @@ class EnvTokens:
             for i, (_, _, allowed) in enumerate(decided_at):
                 free[i, allowed] = True
             logits[r, p] = torch.where(free, logits[r, p], torch.full_like(logits[r, p], FLOOR))
-        if forced_at:
-            r = torch.tensor([x[0] for x in forced_at], device=dev)
-            p = torch.tensor([x[1] for x in forced_at], device=dev)
-            fill = torch.full((len(forced_at), vocab), FLOOR, dtype=logits.dtype, device=dev)
-            fill[torch.arange(len(forced_at), device=dev), torch.tensor([x[2] for x in forced_at], device=dev)] = 0
-            logits[r, p] = fill
+        if len(fr):
+            fill = torch.full((len(fr), vocab), FLOOR, dtype=logits.dtype, device=dev)
+            fill[torch.arange(len(fr), device=dev), torch.as_tensor(ft, device=dev)] = 0
+            logits[torch.as_tensor(fr, device=dev), torch.as_tensor(fp, device=dev)] = fill
         output.logits = logits
         return output
