@@ -193,6 +193,61 @@ def test_agrees_with_reference_value_multisets():
         np.testing.assert_array_equal(np.sort(dense[i, mine]), np.sort(dense[i, ref[i]]))
 
 
+def long_rows(n, g, rng, dtype, levels):
+    """Long rows (hundreds of stored values each), values from a few levels (heavy ties) times a slowly
+    drifting row scale: the shape of real normalised counts, where the kernel's search and sort run."""
+    lens = rng.integers(g // 4, g, size=n)
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    indices = np.concatenate([np.sort(rng.choice(g, size=L, replace=False)) for L in lens])
+    data = rng.choice(levels, size=len(indices)) * np.repeat(np.exp(rng.normal(0, 0.3, n)), lens)
+    return sp.csr_matrix((data.astype(dtype), indices.astype(np.int32), indptr), shape=(n, g))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [20, 50, 60, 100, 130])
+def test_long_rows_every_ordering_path(dtype, k):
+    """k=20/50: candidates sorted in registers (<= 64, <= 128, and > 128 cut by a quickselect);
+    k=60: mostly the 128-lane sort; k=100/130: the counting placement; float64: always counting."""
+    rng = np.random.default_rng(k)
+    g = 700
+    names = gene_names(g, rng)
+    continuous = rng.lognormal(0, 1.0, 400)
+    ties = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 3.0, 4.0, 6.0, 9.0, 14.0, 30.0])
+    for levels in (continuous, ties):
+        check(long_rows(250, g, rng, dtype, levels), names, k)
+    check(long_rows(150, g, rng, dtype, ties), names, k, ("^MT-", "^RP[SL]"))
+
+
+def test_search_with_a_tie_group_straddling_k():
+    """40 distinct high values, then 300 genes tied at one level: no threshold gives k..2k candidates,
+    so the search must stop (bracket closed) and take the tie group, ordered by name."""
+    rng = np.random.default_rng(2)
+    g = 400
+    names = gene_names(g, rng)
+    rows = []
+    for r in range(60):
+        vals = np.full(g, 0.0)
+        cols = rng.permutation(g)
+        vals[cols[:40]] = 5.0 + rng.random(40) * (1 + r % 3)
+        vals[cols[40:340]] = 1.0 + (r % 5) * 0.5
+        rows.append(vals)
+    m = sp.csr_matrix(np.array(rows, dtype=np.float32))
+    for k in (39, 40, 41, 50, 64, 65, 200, 339, 340, 341):
+        check(m, names, k)
+
+
+def test_excluded_genes_at_the_top_of_every_row():
+    """The best-expressed genes are all excluded: the threshold the counts chose leaves fewer than k
+    kept genes, so the kernel lowers it (twice, then to every expressed value)."""
+    rng = np.random.default_rng(4)
+    g = 300
+    names = [f"MT-{i}" if i < 120 else f"G{i}" for i in range(g)]
+    dense = rng.random((80, g)).astype(np.float32)
+    dense[:, :120] += 10.0  # excluded genes dominate
+    dense[dense < 0.3] = 0
+    check(sp.csr_matrix(dense), names, 50, ("^MT-",))
+
+
 def test_bad_input():
     with pytest.raises(ValueError):
         TopK(["a"], 0)

@@ -12,15 +12,19 @@ How the kernel is fast (and still exact):
   int64, ``value_bits << 32 | (2**31 - 1 - name_rank)`` for float32 data (unique per gene,
   larger = earlier). float64 data keys on its 64 value bits and breaks ties on the rank.
 * Per row, a vectorised pass computes the stats (an order-preserving integer map of the
-  bits gives the minimum; ``abs bits >= inf bits`` flags NaN/inf) and streams the row in.
-* A branch-free pass then collects the positions of values at or above a threshold
-  guessed from the previous row's K-th value. If fewer than K expressed genes clear it,
-  the row is rescanned with a lower threshold, down to "every positive value", so the
-  guess only affects speed. Every value below the final threshold has at least K better
-  candidates, so it cannot be in the top K.
-* If many candidates remain, a quickselect cuts them to K; the survivors are ordered by
-  counting, for each, how many candidates beat it (a branch-free O(c^2) loop that the
-  compiler vectorises), which writes each gene straight to its output slot.
+  bits gives the minimum; ``abs bits >= inf bits`` flags NaN/inf) and checks the indices.
+* A threshold search then counts the values at or above a threshold with one vector compare
+  per 64 values into a bit mask and a popcount (``llvm_ops.mask64``). It starts from a running
+  estimate of the rows' 1.5K-th value and moves (steps, then bisection, at most a few passes)
+  until K..2K values clear it; if fewer than K expressed genes exist, every positive value is
+  taken. Every value below the final threshold has at least K better ones, so it cannot be in
+  the top K: the search only affects speed.
+* The candidates are read off the mask's set bits; while this happens the next row's cache
+  lines are prefetched, so the next row's passes find it in cache.
+* float32 keys (at most 128 after a quickselect) are sorted in vector registers with a bitonic
+  network (``llvm_ops.sort64_desc`` / ``sort128_desc``); the rank in the key's low bits gives
+  the gene. Other cases (float64 data, or more than 128 candidates when K is large) place each
+  candidate by counting, branch-free and vectorised, how many candidates beat it.
 * Rows are processed in blocks under ``prange``; each block allocates its scratch once.
 """
 
@@ -33,9 +37,12 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
+from cellpuzzles.data.llvm_ops import ctz, mask64, popcount, prefetch, sort64_desc, sort128_desc
+
 # Per-dtype constants: (bits dtype, key shift, rank mask, mantissa bits, inf bits, sign shift, abs mask, max key)
 _F32 = (np.int32, 32, 0x7FFFFFFF, 23, 0x7F800000, 31, 0x7FFFFFFF, 0x7FFFFFFF)
 _F64 = (np.int64, 0, 0, 52, 0x7FF0000000000000, 63, 0x7FFFFFFFFFFFFFFF, 0x7FFFFFFFFFFFFFFF)
+SEARCH_PASSES = 8  # most threshold-search passes per row before taking what the last one found
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -88,35 +95,36 @@ def _select(keys, sec, n, k, tie):
 
 
 @numba.njit(cache=True, nogil=True)
-def _place(keys, sec, c, k, k2, order, out_row, tie):
-    """Write the genes of the best min(c, k) candidates to out_row (pre-filled with -1) in order.
+def _place(keys, sec, c, k, k2, order, slots, tie):
+    """Write the genes of the best min(c, k) candidates to slots[:k] (pre-filled with -1) in order.
 
-    A candidate's slot is the number of candidates that beat it (a branch-free loop the
-    compiler vectorises). Returns the k-th key, or -1 if two candidates were equal (only
-    possible with duplicate column entries in a row), which left a hole; the caller then
-    uses _place_dups. Also returns the (k2+1)-th best key (0 if c <= k2), which steers the next
-    row's threshold guess.
+    A candidate's slot is the number of candidates that beat it: a branch-free count over the
+    candidates padded to a multiple of 32 (so the vectorised loop has no scalar tail), and a
+    branch-free write (slot k takes the candidates that miss the top k). Returns the k-th key,
+    or -1 if two candidates were equal (only possible with duplicate column entries in a row),
+    which left a hole; the caller then uses _place_dups. Also returns the (k2+1)-th best key
+    (0 if c <= k2), which steers the next row's threshold.
     """
+    cp = (c + 31) & ~31
+    keys[c:cp] = -1
+    sec[c:cp] = 0
     kth = np.int64(0)
     k2th = np.int64(0)
     for a in range(c):
         ka = keys[a]
         p = 0
         if tie is None:
-            for q in range(c):
+            for q in range(cp):
                 p += keys[q] > ka
         else:
             sa = sec[a]
-            for q in range(c):
+            for q in range(cp):
                 p += (keys[q] > ka) | ((keys[q] == ka) & (sec[q] < sa))
-        if p < k:
-            out_row[p] = order[sec[a]]
-            if p == k - 1:
-                kth = ka
-        elif p == k2:
-            k2th = ka
+        slots[min(p, k)] = order[sec[a]]
+        kth = ka if p == k - 1 else kth
+        k2th = ka if p == k2 else k2th
     for q in range(min(c, k)):
-        if out_row[q] < 0:
+        if slots[q] < 0:
             return np.int64(-1), k2th
     return kth, k2th
 
@@ -139,26 +147,70 @@ def _place_dups(keys, sec, c, k, order, out_row, tie):
     return kth
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _mask_words(bits, lo, hi, tb, span, words):
+    """words[w] bit t = (bits[lo + 64 w + t] - tb) < span (unsigned); returns (words used, bits set)."""
+    nfull = (hi - lo) >> 6
+    cnt = np.int64(0)
+    for w in range(nfull):
+        m = mask64(bits, lo + (w << 6), tb, span)
+        words[w] = m
+        cnt += popcount(m)
+    base = lo + (nfull << 6)
+    m = np.int64(0)
+    for t in range(hi - base):
+        m |= np.int64(np.uint64(np.int64(bits[base + t]) - tb) < np.uint64(span)) << t
+    words[nfull] = m
+    return nfull + 1, cnt + popcount(m)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _extract(words, nw, lo, hi, bits, indices, rk, shift, lowmask, keys, sec, ahead):
+    """Keys (and name ranks) of the values flagged in words, excluded genes dropped; returns how many.
+
+    With ahead, also prefetches the next row's cache lines (the same span after hi), so they
+    arrive while this row is ordered."""
+    c = 0
+    last = np.int64(bits.shape[0]) - 64
+    for w in range(nw):
+        m = words[w]
+        base = lo + (w << 6)
+        nxt = base + (hi - lo)
+        if ahead and nxt <= last:
+            for t in range(0, 64, 16):
+                prefetch(bits, nxt + t)
+                prefetch(indices, nxt + t)
+        while m != 0:
+            j = base + ctz(m)
+            m &= m - 1
+            b = np.int64(bits[j])
+            r = rk[indices[j]]
+            keys[c] = (b << shift) | ((lowmask - r) & lowmask)
+            sec[c] = r
+            c += r >= 0
+    return c
+
+
 @numba.njit(cache=True, nogil=True)
-def _rows(bits, indices, indptr, rk, order, k, cst, r0, r1, pos, keys, sec, out, vmin_bits, nonfinite, n_expr, tie):
+def _rows(bits, indices, indptr, rk, order, k, cst, r0, r1, words, keys, sec, slots, out, vmin_bits, nonfinite, n_expr,
+          tie):
     shift, lowmask, mant, infb, sh, absmask, maxkey = cst[0], cst[1], cst[2], cst[3], cst[4], cst[5], cst[6]
     ngenes = rk.shape[0]
     one = np.int64(1)
-    dmin = one << (mant - 6)  # smallest guess margin (about 1% of the value)
-    delta = np.int64(0)  # current guess margin, in bits
-    guess = one  # threshold bits; 1 = the smallest positive value
-    ema = np.int64(-1)  # running mean of the rows' k2-th value bits
+    step0 = one << (mant - 4)  # first search step: 1/16 of an octave (about 4% of the value)
+    ema = np.int64(-1)  # running mean of the rows' (k2+1)-th value bits: the next row's first threshold
     k2 = k + (k >> 1)
+    cmax = 2 * k
     for i in range(r0, r1):
-        lo = np.uint64(indptr[i])
-        hi = np.uint64(indptr[i + 1])
-        # stats (vectorised): min over finite values via an order-preserving int map, non-finite count,
-        # index range (also streams the row's indices into cache for the passes below)
+        lo = np.int64(indptr[i])
+        hi = np.int64(indptr[i + 1])
+        # stats (vectorised; unsigned loop bounds let LLVM vectorise): min over finite values via an
+        # order-preserving int map, non-finite count, index range
         mn = maxkey
         bad = 0
         imin = 0
         imax = 0
-        for j in range(lo, hi):
+        for j in range(np.uint64(lo), np.uint64(hi)):
             b = bits[j]
             fin = (b & absmask) < infb
             kb = b ^ ((b >> sh) & absmask)
@@ -168,51 +220,76 @@ def _rows(bits, indices, indptr, rk, order, k, cst, r0, r1, pos, keys, sec, out,
             imin = min(imin, g)
             imax = max(imax, g)
         nonfinite[i] = bad
-        vmin_bits[i] = (mn ^ ((mn >> sh) & absmask)) if bad < np.int64(hi - lo) else 0
+        vmin_bits[i] = (mn ^ ((mn >> sh) & absmask)) if bad < hi - lo else 0
         if hi > lo and (imin < 0 or imax >= ngenes):
             n_expr[i] = -1
             continue
-        tb = guess
-        while True:
-            # positions of values in [tb, inf) (branch-free), then their keys, dropping excluded genes
-            span = np.uint64(infb - tb)
-            n = 0
-            for j in range(lo, hi):
-                pos[n] = j
-                n += np.uint64(np.int64(bits[j]) - tb) < span
-            c = 0
-            for q in range(n):
-                j = pos[q]
-                b = np.int64(bits[j])
-                r = rk[indices[j]]
-                keys[c] = (b << shift) | ((lowmask - r) & lowmask)
-                sec[c] = r
-                c += r >= 0
-            if c >= k or tb == 1:
-                break
-            # the guess was too high for this row (or the row has < k expressed genes): rescan
-            # once a bit lower (about x0.84), then with every positive value; guess lower from now on
-            if tb == guess:
-                delta = min(max(delta * 2, dmin), one << (mant + 3))
-                tb = max(one, tb - (one << (mant - 2)))
+        # threshold search on counts of values in [tb, inf): aim for k..cmax of them in a few passes
+        tb = ema if ema > 0 else one
+        good = np.int64(0)  # a threshold seen with more than cmax values (0: none)
+        low = np.int64(0)  # a threshold seen with fewer than k values (0: none)
+        step = step0
+        nw, cnt = _mask_words(bits, lo, hi, tb, infb - tb, words)
+        for _ in range(SEARCH_PASSES):
+            if cnt < k and tb > 1:
+                low = tb
+                tb = good + ((low - good) >> 1) if good > 0 else max(one, tb - step)
+            elif cnt > cmax and (low == 0 or low - tb > 1):
+                good = tb
+                tb = tb + ((low - tb) >> 1) if low > 0 else min(tb + step, infb - 1)
             else:
-                tb = one
-        if c > 2 * k:
-            _select(keys, sec, c, k, tie)
-            c = k
-            if tb > 1:
-                delta -= delta >> 2  # the guess was needlessly low
-        kth, k2th = _place(keys, sec, c, k, k2, order, out[i], tie)
-        if kth < 0:
-            kth = _place_dups(keys, sec, c, k, order, out[i], tie)
+                break
+            step *= 2
+            if tb == good:
+                break
+            nw, cnt = _mask_words(bits, lo, hi, tb, infb - tb, words)
+        if cnt < k and tb > 1:
+            tb = good if good > 0 else one  # the last threshold with enough values, or all of them
+            nw, cnt = _mask_words(bits, lo, hi, tb, infb - tb, words)
+        c = _extract(words, nw, lo, hi, bits, indices, rk, shift, lowmask, keys, sec, True)
+        tries = 0
+        while c < k and tb > 1:
+            # excluded genes took places: lower the threshold (twice, then to every expressed value)
+            tb = max(one, tb - step) if tries < 2 else one
+            step *= 4
+            tries += 1
+            nw, cnt = _mask_words(bits, lo, hi, tb, infb - tb, words)
+            c = _extract(words, nw, lo, hi, bits, indices, rk, shift, lowmask, keys, sec, False)
+        if c == 0:
+            n_expr[i] = 0
+            continue
+        if tie is None and c > 128 and k2 < 128:
+            _select(keys, sec, c, 128, tie)
+            c = 128
+        if tie is None and c <= 128:
+            # float32 keys carry the name rank, so sorting the keys alone orders the genes
+            if c <= 64:
+                keys[c:64] = -1
+                sort64_desc(keys)
+            else:
+                keys[c:128] = -1
+                sort128_desc(keys)
+            m = min(c, k)
+            row = out[i]
+            for q in range(m):
+                row[q] = order[lowmask - (keys[q] & lowmask)]
+            kth = keys[m - 1]
+            k2th = keys[k2] if c > k2 else np.int64(0)
+        else:
+            if c > 4 * k:
+                _select(keys, sec, c, k2 + 1, tie)
+                c = k2 + 1
+            slots[:] = -1
+            kth, k2th = _place(keys, sec, c, k, k2, order, slots, tie)
+            if kth < 0:
+                slots[:] = -1
+                kth = _place_dups(keys, sec, c, k, order, slots, tie)
+            out[i] = slots[:k]
         c = min(c, k)
         n_expr[i] = c
         if c == k:
-            # aim the next row's threshold at about k2 candidates
             tk = (k2th >> shift) if k2th > 0 else (kth >> shift)
             ema = tk if ema < 0 else ema + ((tk - ema) >> 2)
-            guess = max(one, ema - delta)
-            delta -= delta >> 4
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -220,12 +297,14 @@ def _topk_csr(bits, indices, indptr, rk, order, k, cst, out, vmin_bits, nonfinit
     n = out.shape[0]
     nb = (n + block - 1) // block
     for b in numba.prange(nb):
-        pos = np.empty(cap, dtype=np.int64)
-        keys = np.empty(cap, dtype=np.int64)
-        sec = np.empty(cap, dtype=np.int32)
+        words = np.empty(cap // 64 + 2, dtype=np.int64)
+        keys = np.empty(max(cap, 128) + 32, dtype=np.int64)
+        sec = np.empty(max(cap, 128) + 32, dtype=np.int32)
+        slots = np.empty(k + 1, dtype=np.int32)
         r0 = b * block
         r1 = min(n, r0 + block)
-        _rows(bits, indices, indptr, rk, order, k, cst, r0, r1, pos, keys, sec, out, vmin_bits, nonfinite, n_expr, tie)
+        _rows(bits, indices, indptr, rk, order, k, cst, r0, r1, words, keys, sec, slots, out, vmin_bits, nonfinite,
+              n_expr, tie)
 
 
 def name_ranks(gene_names: Sequence[str]) -> np.ndarray:
