@@ -33,9 +33,10 @@ def build_model(root: Path):
     from cellpuzzles.data.bundled import materialise
     from cellpuzzles.data.cells import CellsOptions, build_cells
     from cellpuzzles.data.sample import PuzzleOptions, make_splits
-    from cellpuzzles.distill import DistillOptions, distill, read_traces
-    from cellpuzzles.teachers.markers import MarkersTeacher
-    from cellpuzzles.train.model import PromptOptions, TinyConfig, build_tiny
+    from cellpuzzles.distill.traces import DistillOptions, distill, read_traces
+    from cellpuzzles.distill.teachers.markers import MarkersTeacher
+    from cellpuzzles.inference.folder import PromptOptions
+    from cellpuzzles.train.tiny import TinyConfig, build_tiny
 
     cells = build_cells(materialise(root / "data"), CellsOptions(progress=False))
     splits, _ = make_splits(cells, PuzzleOptions(n_min=3, n_max=8, train_per_n=40, test_per_n=20,
@@ -59,7 +60,7 @@ def test_puzzles(root: Path):
 
 
 def body(p, mode: str) -> bytes:
-    from cellpuzzles.puzzle import parse_context
+    from cellpuzzles.task.puzzle import parse_context
 
     inst = {"context": parse_context(p.context) or p.context, "candidates": list(reversed(p.candidates)),
             "cells": [{"id": cid, "genes": g} for cid, g in zip(p.cell_ids, p.genes)], "mode": mode}
@@ -77,7 +78,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cellpuzzles.cli", "serve", "--model", str(model), "--port", str(self.port),
+            [sys.executable, "-m", "cellpuzzles.cli.main", "serve", "--model", str(model), "--port", str(self.port),
              "--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms)],
             stdout=open(log, "w"), stderr=subprocess.STDOUT)
         deadline = time.time() + 180

@@ -43,8 +43,8 @@ def main() -> None:
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from cellpuzzles.puzzle import make_puzzle
-    from cellpuzzles.train.model import PromptOptions, save
+    from cellpuzzles.task.puzzle import make_puzzle
+    from cellpuzzles.inference.folder import PromptOptions, save
     from cellpuzzles.train.sft import SFTOptions, sft
 
     gpu = torch.cuda.is_available()

@@ -5,7 +5,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Output
 
-from .placement import CPU_IMAGE
+from cellpuzzles.release.placement import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
@@ -15,7 +15,8 @@ def validate(data_source: str, data_version: str, repo_dir: str, column_map: str
     """Fetch the data version (dvc), build the cells table, run the Great Expectations suite."""
     from collections import namedtuple
 
-    from cellpuzzles.steps import DataOptions, data_step, log_kfp_metrics, run_step
+    from cellpuzzles.steps.common import log_kfp_metrics, run_step
+    from cellpuzzles.steps.data import DataOptions, data_step
 
     opt = DataOptions(source=data_source, version=data_version, repo_dir=repo_dir, column_map=column_map, top_k=top_k)
     r = run_step("validate", data_step, opt, cells.path, validation.path, mlflow_uri)
@@ -30,7 +31,8 @@ def puzzles(cells: Input[Dataset], n_min: int, n_max: int, train_per_n: int, tes
             metrics: Output[Metrics]) -> str:
     """Sample train/reasoning/test CellPuzzles without leakage; score the baseline solvers."""
     from cellpuzzles.data.sample import PuzzleOptions
-    from cellpuzzles.steps import log_kfp_metrics, puzzles_step, run_step
+    from cellpuzzles.steps.common import log_kfp_metrics, run_step
+    from cellpuzzles.steps.data import puzzles_step
 
     opt = PuzzleOptions(n_min=n_min, n_max=n_max, train_per_n=train_per_n, test_per_n=test_per_n,
                         split_by=split_by, reasoning_fraction=reasoning_fraction, seed=seed)

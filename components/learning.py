@@ -3,14 +3,15 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from .placement import TRAIN_IMAGE
+from cellpuzzles.release.placement import TRAIN_IMAGE
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
 def distill(puzzle_set: Input[Dataset], teacher: str, teacher_base_url: str, teacher_model: str, attempts: int,
             mlflow_uri: str, traces: Output[Dataset], metrics: Output[Metrics]) -> str:
     """Reasoning traces from a teacher (markers, or any OpenAI-compatible endpoint), kept when right."""
-    from cellpuzzles.steps import DistillStepOptions, distill_step, log_kfp_metrics, run_step
+    from cellpuzzles.steps.common import log_kfp_metrics, run_step
+    from cellpuzzles.steps.learning import DistillStepOptions, distill_step
 
     opt = DistillStepOptions(teacher=teacher, base_url=teacher_base_url, teacher_model=teacher_model, attempts=attempts)
     r = run_step("distill", distill_step, puzzle_set.path, traces.path, opt, mlflow_uri)
@@ -25,7 +26,8 @@ def sft(traces: Input[Dataset], base_model: str, steps: int, learning_rate: floa
     import os
     from dataclasses import replace
 
-    from cellpuzzles.steps import SFTStepOptions, run_step, sft_step
+    from cellpuzzles.steps.common import run_step
+    from cellpuzzles.steps.learning import SFTStepOptions, sft_step
 
     opt = SFTStepOptions(model=base_model, seed=seed)
     opt.sft = replace(opt.sft, max_steps=steps, learning_rate=learning_rate, batch_size=batch_size)
@@ -38,7 +40,8 @@ def rl(puzzle_set: Input[Dataset], sft_model: Input[Model], algo: str, steps: in
        seed: int, mlflow_uri: str, model: Output[Model]) -> str:
     """RL with the batch-level reward: GRPO (TRL GRPOTrainer) or PPO (TRL experimental PPOTrainer).
     steps 0, learning_rate 0 and beta < 0 take the algorithm's defaults (``ALGO_DEFAULTS``)."""
-    from cellpuzzles.steps import rl_step, run_step
+    from cellpuzzles.steps.common import run_step
+    from cellpuzzles.steps.learning import rl_step
     from cellpuzzles.train.rl_common import RLOptions
 
     opt = RLOptions(algo=algo, max_steps=steps or None, learning_rate=learning_rate or None,
@@ -51,7 +54,8 @@ def rl(puzzle_set: Input[Dataset], sft_model: Input[Model], algo: str, steps: in
 def evaluate(model: Input[Model], puzzle_set: Input[Dataset], name: str, limit: int, seed: int, mlflow_uri: str,
              evaluation: Output[Artifact], metrics: Output[Metrics]) -> str:
     """Free and constrained decoding on the held-out test split → the evaluation record."""
-    from cellpuzzles.steps import evaluate_step, log_kfp_metrics, run_step
+    from cellpuzzles.steps.common import log_kfp_metrics, run_step
+    from cellpuzzles.steps.learning import evaluate_step
 
     r = run_step("evaluate", evaluate_step, model.path, puzzle_set.path, evaluation.path, name, limit, seed, mlflow_uri)
     log_kfp_metrics(metrics, {f"{mode}_{k}": v for mode, m in r["metrics"].items() for k, v in m.items()})

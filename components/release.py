@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Model, Output
 
-from .placement import CPU_IMAGE
+from cellpuzzles.release.placement import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
@@ -11,8 +11,8 @@ def register(model: Input[Model], evaluation: Input[Artifact], model_name: str, 
              data_version: str, validate_run: str, puzzles_run: str, distill_run: str, sft_run: str, rl_run: str,
              evaluate_run: str, base_model: str, rl_algo: str, seed: int) -> str:
     """A new version of the registered model with alias 'challenger', tagged with metrics and lineage."""
-    from cellpuzzles.release import register_step
-    from cellpuzzles.steps import run_step
+    from cellpuzzles.steps.release import register_step
+    from cellpuzzles.steps.common import run_step
 
     runs = {"validate": validate_run, "puzzles": puzzles_run, "distill": distill_run, "sft": sft_run,
             "rl": rl_run, "evaluate": evaluate_run}
@@ -25,9 +25,9 @@ def register(model: Input[Model], evaluation: Input[Artifact], model_name: str, 
 def gate(model_name: str, version: str, min_batch_accuracy: float, min_format_ratio: float, tolerance: float,
          margin: float, mlflow_uri: str, report: Output[Markdown], decision: Output[Artifact]) -> str:
     """'pass' moves the champion alias to this version (the old one becomes 'previous'); 'fail' moves nothing."""
-    from cellpuzzles.gate import GateOptions
-    from cellpuzzles.release import gate_step
-    from cellpuzzles.steps import run_step
+    from cellpuzzles.release.gate import GateOptions
+    from cellpuzzles.steps.release import gate_step
+    from cellpuzzles.steps.common import run_step
 
     opt = GateOptions(min_batch_accuracy=min_batch_accuracy, min_format_ratio=min_format_ratio,
                       tolerance=tolerance, margin=margin if margin > 0 else None)
@@ -38,8 +38,8 @@ def gate(model_name: str, version: str, min_batch_accuracy: float, min_format_ra
 def deploy(model_name: str, version: str, namespace: str, storage_uri: str, artifact_store: str, apply: bool, gpus: int,
            min_replicas: int, max_replicas: int, canary_percent: int, mlflow_uri: str, manifest: Output[Artifact]) -> str:
     """Render the champion's InferenceService; apply it (and wait, rolling back on failure) when asked."""
-    from cellpuzzles.release import deploy_step
-    from cellpuzzles.steps import run_step
+    from cellpuzzles.steps.release import deploy_step
+    from cellpuzzles.steps.common import run_step
 
     return run_step("deploy", deploy_step, model_name, version, namespace, storage_uri, artifact_store, apply, gpus,
                     min_replicas, max_replicas, canary_percent, manifest.path, mlflow_uri)
@@ -48,6 +48,6 @@ def deploy(model_name: str, version: str, namespace: str, storage_uri: str, arti
 @dsl.component(base_image=CPU_IMAGE)
 def record_status(status: dsl.PipelineTaskFinalStatus, job_name: str, mlflow_uri: str):
     """Exit handler: the pipeline's final state (and the failure) on its MLflow run."""
-    from cellpuzzles.release import record_status as record
+    from cellpuzzles.steps.release import record_status as record
 
     record(mlflow_uri, job_name, status.state, status.error_message or "")

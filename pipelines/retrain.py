@@ -3,7 +3,7 @@ gate → deploy (only when the gate passes), with an exit handler that records t
 in MLflow.
 
 GPU placement is declared here, at the call site, by one helper (``on_gpu``); images and the
-node pool live in components/placement.py. Caching is off for evaluate, register, gate and
+node pool live in src/cellpuzzles/release/placement.py. Caching is off for evaluate, register, gate and
 deploy: a cached evaluation must never promote a model. ``compile_pipeline`` writes the
 committed ``retrain.yaml``; ``cellpuzzles run`` executes this same definition with kfp.local.
 """
@@ -13,16 +13,16 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from ..components.data import puzzles, validate
-from ..components.learning import distill, evaluate, rl, sft
-from ..components.placement import (
+from cellpuzzles.components.data import puzzles, validate
+from cellpuzzles.components.learning import distill, evaluate, rl, sft
+from cellpuzzles.release.placement import (
     GPU_ACCELERATOR,
     GPU_NODE_SELECTOR,
     GPU_TOLERATION,
     MLFLOW_SECRET,
     TEACHER_SECRET,
 )
-from ..components.release import deploy, gate, record_status, register
+from cellpuzzles.components.release import deploy, gate, record_status, register
 
 PIPELINE_YAML = Path(__file__).with_name("retrain.yaml")
 NAME = "cellpuzzles-retrain"

@@ -21,7 +21,7 @@ requests in flight at once (``max_inflight``).
 
 Answer key: ``answers`` maps a ``user_msg`` or a ``puzzle_id`` to the gold labels; give
 ``puzzles`` to fill it (and to resolve puzzle ids). The user message of each request is
-parsed with :func:`cellpuzzles.puzzle.parse_user_msg`; an unknown one is answered with its
+parsed with :func:`cellpuzzles.task.puzzle.parse_user_msg`; an unknown one is answered with its
 candidates in the listed order.
 """
 
@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler
 
 from local_http import LocalHTTPServer
 
-from cellpuzzles.puzzle import Puzzle, format_completion, parse_user_msg
+from cellpuzzles.task.puzzle import Puzzle, format_completion, parse_user_msg
 
 
 class ChatStandin(LocalHTTPServer):

@@ -21,9 +21,10 @@ def build_world(root: Path, genes_per_cell: int = 8):
     from cellpuzzles.data.bundled import materialise
     from cellpuzzles.data.cells import CellsOptions, build_cells
     from cellpuzzles.data.sample import PuzzleOptions, make_splits
-    from cellpuzzles.distill import DistillOptions, distill, read_traces
-    from cellpuzzles.teachers.markers import MarkersTeacher
-    from cellpuzzles.train.model import PromptOptions, TinyConfig, build_tiny
+    from cellpuzzles.distill.traces import DistillOptions, distill, read_traces
+    from cellpuzzles.distill.teachers.markers import MarkersTeacher
+    from cellpuzzles.inference.folder import PromptOptions
+    from cellpuzzles.train.tiny import TinyConfig, build_tiny
 
     cells = build_cells(materialise(root / "data"), CellsOptions(progress=False))
     splits, _ = make_splits(cells, PuzzleOptions(n_max=5, train_per_n=20, test_per_n=8, reasoning_fraction=0.5))
@@ -37,7 +38,7 @@ def build_world(root: Path, genes_per_cell: int = 8):
 
 def instance(p, mode: str | None = None, ids: bool = True) -> dict:
     """A request instance from a puzzle: structured context, ranked genes, shuffled candidates."""
-    from cellpuzzles.puzzle import parse_context
+    from cellpuzzles.task.puzzle import parse_context
 
     x = {"context": parse_context(p.context) or p.context,
          "cells": [{"id": f"c{i}", "genes": list(g)} if ids else {"genes": list(g)} for i, g in enumerate(p.genes)],

@@ -2,7 +2,7 @@
 and nothing half-written in the output folder.
 
 Every case is a real file written with anndata/h5py (or a real option) and a real
-``python -m cellpuzzles.cli`` subprocess. The subprocesses are independent, so the module
+``python -m cellpuzzles.cli.main`` subprocess. The subprocesses are independent, so the module
 fixture runs them all at once (one per core) and each test checks its own result.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cellpuzzles.puzzle import make_puzzle, write_puzzles
+from cellpuzzles.task.puzzle import make_puzzle, write_puzzles
 
 from conftest import make_adata, run_cli
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from cellpuzzles.data.versioning import file_md5, resolve_data
-from cellpuzzles.errors import CellPuzzlesError
+from cellpuzzles.core.errors import CellPuzzlesError
 from conftest import make_adata
 
 

@@ -25,10 +25,10 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient
 
-from cellpuzzles.components.placement import GPU_NODE_SELECTOR, SERVE_IMAGE
-from cellpuzzles.deploy import DeployOptions, deploy, render_inference_service, storage_uri_for
-from cellpuzzles.errors import CellPuzzlesError
-from cellpuzzles.gate import gate
+from cellpuzzles.release.placement import GPU_NODE_SELECTOR, SERVE_IMAGE
+from cellpuzzles.release.deploy import DeployOptions, deploy, render_inference_service, storage_uri_for
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.release.gate import gate
 
 from test_registry_gate import add_version, make_test_set, mlflow_server  # noqa: F401  (fixture)
 

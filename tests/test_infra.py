@@ -28,7 +28,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cellpuzzles.components import placement
+from cellpuzzles.release import placement
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -391,7 +391,7 @@ def test_pytorchjob_places_on_gpu_pool_with_train_image():
 
 
 def test_pytorchjob_command_is_a_valid_deepspeed_sft_run():
-    from cellpuzzles.cli import build_parser
+    from cellpuzzles.cli.main import build_parser
 
     job = _one("PyTorchJob", "cellpuzzles-sft-multinode")
     spec = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
@@ -445,7 +445,7 @@ def test_kserve_sdk_check_catches_typos_and_missing_fields():
 
 
 def test_serve_command_parses_when_the_serve_command_exists():
-    from cellpuzzles.cli import build_parser
+    from cellpuzzles.cli.main import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cellpuzzles.assign import assign, assign_labels
+from cellpuzzles.task.assign import assign, assign_labels
 from cellpuzzles.data.cells import Cells, CellsOptions, build_cells
 from cellpuzzles.data.validate import validate_cells
-from cellpuzzles.errors import CellPuzzlesError
+from cellpuzzles.core.errors import CellPuzzlesError
 
 from conftest import make_adata
 

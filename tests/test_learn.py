@@ -11,22 +11,18 @@ import pytest
 from cellpuzzles.data.bundled import materialise
 from cellpuzzles.data.cells import CellsOptions, build_cells
 from cellpuzzles.data.sample import PuzzleOptions, make_splits
-from cellpuzzles.decode import constrained, generate, prompt_text
-from cellpuzzles.distill import DistillOptions, distill, read_traces
-from cellpuzzles.errors import CellPuzzlesError
-from cellpuzzles.puzzle import extract_answer, is_well_formed, split_labels
-from cellpuzzles.reward import batch_reward, score
-from cellpuzzles.scaffold import ARROW, cell_line, think_lines
-from cellpuzzles.teachers.base import Reply
-from cellpuzzles.teachers.markers import MarkersTeacher
+from cellpuzzles.inference.decode import constrained, generate
+from cellpuzzles.inference.prompting import prompt_text
+from cellpuzzles.distill.traces import DistillOptions, distill, read_traces
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.task.puzzle import extract_answer, is_well_formed, split_labels
+from cellpuzzles.task.reward import batch_reward, score
+from cellpuzzles.task.scaffold import ARROW, cell_line, think_lines
+from cellpuzzles.distill.teachers.base import Reply
+from cellpuzzles.distill.teachers.markers import MarkersTeacher
 from cellpuzzles.train.callbacks import MetricsLogger
-from cellpuzzles.train.model import (
-    PromptOptions,
-    TinyConfig,
-    build_tiny,
-    load_model,
-    load_tokenizer,
-)
+from cellpuzzles.inference.folder import PromptOptions, load_model, load_tokenizer
+from cellpuzzles.train.tiny import TinyConfig, build_tiny
 from cellpuzzles.train.rl import train_rl
 from cellpuzzles.train.rl_common import RLOptions
 from cellpuzzles.train.scaffold_rollout import sample_batch, sample_completion, scaffold_rollout
@@ -267,7 +263,7 @@ def test_rollout_choice_errors_are_clear(world, scaffold_model, tmp_path):
 def test_step_commands_chain_through_the_cli(world, tmp_path):
     from conftest import run_cli
 
-    from cellpuzzles.puzzle import write_puzzles
+    from cellpuzzles.task.puzzle import write_puzzles
 
     s = world["splits"]
     for name in ("train", "reasoning", "test"):
@@ -295,8 +291,8 @@ def test_step_commands_chain_through_the_cli(world, tmp_path):
 def test_slot_scores_equal_a_plain_forward_pass(world, joined):
     import torch
 
-    from cellpuzzles.decode import slot_scores
-    from cellpuzzles.puzzle import ANSWER_SEP
+    from cellpuzzles.inference.decode import slot_scores
+    from cellpuzzles.task.puzzle import ANSWER_SEP
 
     model, tok, prompt = load_model(world["init"])
     p = prompt.apply(world["splits"]["test"][0])
@@ -316,8 +312,8 @@ def test_slot_scores_equal_a_plain_forward_pass(world, joined):
 def test_batched_scaffold_decoding_gives_the_same_answers(world, scaffold_model):
     import numpy as np
 
-    from cellpuzzles.decode import constrained_many
-    from cellpuzzles.scaffold_batch import batchable, constrained_batch
+    from cellpuzzles.inference.decode import constrained_many
+    from cellpuzzles.inference.scaffold_batch import batchable, constrained_batch
 
     model, tok, prompt = load_model(scaffold_model)
     test = [prompt.apply(p) for p in world["splits"]["test"][:12]]

@@ -12,10 +12,10 @@ pytest.importorskip("openai")
 
 from chat_standin import ChatStandin  # noqa: E402
 
-from cellpuzzles.errors import CellPuzzlesError  # noqa: E402
-from cellpuzzles.puzzle import is_well_formed, make_puzzle  # noqa: E402
-from cellpuzzles.reward import batch_reward  # noqa: E402
-from cellpuzzles.teachers.openai_teacher import OpenAITeacher, OpenAITeacherConfig  # noqa: E402
+from cellpuzzles.core.errors import CellPuzzlesError  # noqa: E402
+from cellpuzzles.task.puzzle import is_well_formed, make_puzzle  # noqa: E402
+from cellpuzzles.task.reward import batch_reward  # noqa: E402
+from cellpuzzles.distill.teachers.openai_teacher import OpenAITeacher, OpenAITeacherConfig  # noqa: E402
 
 CTX = {"sex": "female", "development_stage": "40-year-old stage", "self_reported_ethnicity": "unknown",
        "tissue": "blood", "disease": "normal"}

@@ -20,8 +20,8 @@ from conftest import run_cli
 from kfp import compiler, dsl
 from kfp_api_standin import KfpApiStandin
 
-from cellpuzzles.errors import CellPuzzlesError
-from cellpuzzles.kfp_remote import kfp_cron, parse_params
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.pipelines.remote import kfp_cron, parse_params
 
 TOKEN = "s3cret-token"
 
@@ -177,7 +177,7 @@ def test_schedule_lifecycle(kfp_api, package):
     assert kfp_api.recurring_runs[new_id]["trigger"]["cron_schedule"]["cron"] == "0 0 4 * * 1"
 
     # list: a header and one row with id, name, cron, status, max concurrency
-    from cellpuzzles.kfp_remote import Connection, create_schedule
+    from cellpuzzles.pipelines.remote import Connection, create_schedule
 
     create_schedule(Connection(host=kfp_api.url, token=TOKEN), package, "daily", "@daily", {"data_uri": "x"})
     r = cli(kfp_api, "schedules")
@@ -197,7 +197,7 @@ def test_schedule_lifecycle(kfp_api, package):
 
 
 def test_schedules_pages_through_the_list(kfp_api, package):
-    import cellpuzzles.kfp_remote as remote
+    import cellpuzzles.pipelines.remote as remote
 
     conn = remote.Connection(host=kfp_api.url, token=TOKEN, namespace="team-a")
     for i in range(3):  # in-process: the CLI path is covered above
@@ -244,7 +244,7 @@ def test_kfp_cron_conversion():
 
 
 def test_parse_params_types_against_declared_inputs(package):
-    from cellpuzzles.kfp_remote import package_inputs
+    from cellpuzzles.pipelines.remote import package_inputs
 
     declared = package_inputs(package)
     assert parse_params(["data_uri=[1, 2]", "lr=1", "max_steps=3", "dry_run=false"], declared) == {
@@ -269,7 +269,7 @@ def test_compile_writes_a_package_submit_accepts(tmp_path, kfp_api):
     assert r.stdout.strip() == f"wrote {out}"
     spec = yaml.safe_load(out.read_text().split("\n---")[0])
     assert spec["pipelineInfo"]["name"] and spec["root"]["dag"]["tasks"]
-    from cellpuzzles.kfp_remote import package_inputs
+    from cellpuzzles.pipelines.remote import package_inputs
 
     declared = package_inputs(out)
     required = [k for k, d in declared.items() if not d.get("isOptional")]

@@ -2,7 +2,7 @@
 
 import yaml
 
-from cellpuzzles.components.placement import GPU_NODE_SELECTOR, GPU_TOLERATION, MLFLOW_SECRET, TEACHER_SECRET
+from cellpuzzles.release.placement import GPU_NODE_SELECTOR, GPU_TOLERATION, MLFLOW_SECRET, TEACHER_SECRET
 from cellpuzzles.pipelines.retrain import PIPELINE_YAML, compile_pipeline
 
 GPU_STEPS = {"sft", "rl", "evaluate"}

@@ -13,12 +13,13 @@ pytest.importorskip("trl.experimental.ppo")
 
 from transformers import GenerationConfig  # noqa: E402
 
-from cellpuzzles.errors import CellPuzzlesError  # noqa: E402
-from cellpuzzles.puzzle import extract_answer, format_completion, make_puzzle, split_labels  # noqa: E402
-from cellpuzzles.reward import batch_reward  # noqa: E402
-from cellpuzzles.teachers.markers import MarkersTeacher  # noqa: E402
+from cellpuzzles.core.errors import CellPuzzlesError  # noqa: E402
+from cellpuzzles.task.puzzle import extract_answer, format_completion, make_puzzle, split_labels  # noqa: E402
+from cellpuzzles.task.reward import batch_reward  # noqa: E402
+from cellpuzzles.distill.teachers.markers import MarkersTeacher  # noqa: E402
 from cellpuzzles.train.callbacks import MetricsLogger  # noqa: E402
-from cellpuzzles.train.model import PromptOptions, TinyConfig, build_tiny, load_model  # noqa: E402
+from cellpuzzles.inference.folder import PromptOptions, load_model
+from cellpuzzles.train.tiny import TinyConfig, build_tiny
 from cellpuzzles.train.ppo import RuleRewardModel, prompt_ids, train_ppo  # noqa: E402
 from cellpuzzles.train.rl_common import RLOptions  # noqa: E402
 from cellpuzzles.train.scaffold_rollout import ScaffoldGenerate  # noqa: E402

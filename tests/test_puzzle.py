@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from cellpuzzles.errors import CellPuzzlesError
-from cellpuzzles.puzzle import (
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.task.puzzle import (
     SYSTEM_MSG, Puzzle, context_sentence, make_puzzle, parse_context, parse_user_msg,
     puzzle_from_record, read_puzzles, write_puzzles,
 )

@@ -18,12 +18,12 @@ import pytest
 from conftest import free_port, mlflow_server_at
 
 from cellpuzzles import __version__
-from cellpuzzles.errors import CellPuzzlesError
-from cellpuzzles.evaluation_record import write_evaluation
-from cellpuzzles.gate import GateOptions, decide, gate, paired_bootstrap
-from cellpuzzles.puzzle import format_completion, make_puzzle
-from cellpuzzles.registry import register
-from cellpuzzles.reward import score
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.evaluation.record import write_evaluation
+from cellpuzzles.release.gate import GateOptions, decide, gate, paired_bootstrap
+from cellpuzzles.task.puzzle import format_completion, make_puzzle
+from cellpuzzles.release.registry import register
+from cellpuzzles.task.reward import score
 
 TYPES = ["B cell", "T cell", "NK cell", "monocyte", "dendritic cell"]
 
@@ -100,7 +100,7 @@ def test_paired_bootstrap_and_margin():
     import tempfile
 
     with tempfile.TemporaryDirectory() as t:
-        from cellpuzzles.evaluation_record import read_evaluation
+        from cellpuzzles.evaluation.record import read_evaluation
 
         old = read_evaluation(write_eval(Path(t) / "old", ps, set(range(20))))
         new = read_evaluation(write_eval(Path(t) / "new", ps, set(range(30))))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cellpuzzles.puzzle import extract_answer, format_completion, is_well_formed
-from cellpuzzles.reward import batch_reward, judge, score
+from cellpuzzles.task.puzzle import extract_answer, format_completion, is_well_formed
+from cellpuzzles.task.reward import batch_reward, judge, score
 
 GOLD = "B cell | T cell | NK cell"
 

@@ -117,7 +117,7 @@ def test_synthetic_multi_donor_file_through_every_command(tmp_path):
 def test_cached_steps_made_by_other_code_are_dropped(tmp_path, capsys):
     """kfp.local's cache key does not cover the code behind a step: `cellpuzzles run` forgets
     cached steps when the code fingerprint changed (or is unknown), and keeps them otherwise."""
-    from cellpuzzles.run import code_fingerprint, drop_stale_cache
+    from cellpuzzles.pipelines.local import code_fingerprint, drop_stale_cache
 
     fp = code_fingerprint()
     assert fp == code_fingerprint() and len(fp) == 16

@@ -12,8 +12,8 @@ import pytest
 
 from cellpuzzles.data.cells import CellsOptions, build_cells
 from cellpuzzles.data.sample import PuzzleOptions, make_splits, write_splits
-from cellpuzzles.errors import CellPuzzlesError
-from cellpuzzles.puzzle import parse_context, read_puzzles
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.task.puzzle import parse_context, read_puzzles
 
 from conftest import TYPES, make_adata
 

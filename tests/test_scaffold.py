@@ -1,7 +1,7 @@
 """The per-cell scaffold: which traces count as scaffolds, and how many genes they restate."""
 
-from cellpuzzles.puzzle import format_completion, make_puzzle
-from cellpuzzles.scaffold import cell_line, restated_genes, think_lines
+from cellpuzzles.task.puzzle import format_completion, make_puzzle
+from cellpuzzles.task.scaffold import cell_line, restated_genes, think_lines
 
 
 def _puzzle(genes):

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from cellpuzzles.puzzle import format_completion
+from cellpuzzles.task.puzzle import format_completion
 from serving_fixtures import Server, build_world, instance, post, status
 
 TOKEN = "s3cret-token"
@@ -277,9 +277,9 @@ def test_transformer_in_front_of_an_openai_predictor(server, world):
 
 
 def test_transformer_repair_keeps_the_models_labels():
-    from cellpuzzles.serving_schema import Instance, judge
-    from cellpuzzles.puzzle import Puzzle
-    from cellpuzzles.serving_transformer import repair
+    from cellpuzzles.serving.protocol import Instance, judge
+    from cellpuzzles.task.puzzle import Puzzle
+    from cellpuzzles.serving.transformer import repair
 
     cands = ["B", "NK", "T"]
     p = Puzzle(genes=[["a"], ["b"], ["c"]], candidates=cands, answer=cands, context="x")
@@ -295,7 +295,7 @@ def test_transformer_repair_keeps_the_models_labels():
 
 
 def test_top_genes_order_and_ties():
-    from cellpuzzles.serving_schema import RequestError, top_genes
+    from cellpuzzles.serving.protocol import RequestError, top_genes
 
     assert top_genes({"B": 1.0, "A": 1.0, "C": 3, "D": 0}, 3, "x") == ["C", "A", "B"]
     with pytest.raises(RequestError, match=r"x\.A: expected a finite number"):
@@ -306,8 +306,8 @@ def test_models_uri_resolves_through_a_real_mlflow_registry(world, tmp_path, mon
     import mlflow
     from mlflow import MlflowClient
 
-    from cellpuzzles.errors import CellPuzzlesError
-    from cellpuzzles.serving import resolve_model
+    from cellpuzzles.core.errors import CellPuzzlesError
+    from cellpuzzles.serving.server import resolve_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
@@ -341,8 +341,8 @@ def test_scaffold_model_answers_constrained_requests_from_its_type_slots(world):
     import json
     import shutil
 
-    from cellpuzzles.scaffold import think_lines
-    from cellpuzzles.train.model import PromptOptions
+    from cellpuzzles.task.scaffold import think_lines
+    from cellpuzzles.inference.folder import PromptOptions
 
     folder = world["root"] / "scaffold-model"
     if not folder.exists():

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from cellpuzzles.data import synth
 from cellpuzzles.data.synth import synthesize
-from cellpuzzles.errors import CellPuzzlesError
+from cellpuzzles.core.errors import CellPuzzlesError
 
 OBS_COLS = ("donor_id", "cell_type", "tissue", "disease", "sex", "development_stage",
             "self_reported_ethnicity", "assay", "batch")

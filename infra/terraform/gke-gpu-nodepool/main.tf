@@ -1,6 +1,6 @@
 # The GPU node pool the pipeline's GPU steps and the multi-node SFT job run on.
 #
-# Agreement with components/placement.py (checked by tests/test_infra.py):
+# Agreement with src/cellpuzzles/release/placement.py (checked by tests/test_infra.py):
 #   - GKE labels every node with cloud.google.com/gke-nodepool = <pool name>, which is the key of
 #     GPU_NODE_SELECTOR: so the pool name is GPU_NODE_POOL.
 #   - GKE taints GPU nodes nvidia.com/gpu=present:NoSchedule; it is declared here as well so the

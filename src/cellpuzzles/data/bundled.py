@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import atomic
+from cellpuzzles.core import atomic
 
 FILE_NAME = "pbmc68k_reduced.h5ad"
 DONOR = "pbmc68k-donor-1"

@@ -20,10 +20,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .. import atomic
-from ..errors import CellPuzzlesError
-from .h5ad import H5ad
-from .topk import TopK
+from cellpuzzles.core import atomic
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.data.h5ad import H5ad
+from cellpuzzles.data.topk import TopK
 
 STAT_COLUMNS = ("n_expressed", "min_value", "n_nonfinite")
 

@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
-from ..errors import CellPuzzlesError
+from cellpuzzles.core.errors import CellPuzzlesError
 
 REQUIRED = ("donor_id", "cell_type")
 CONTEXT = ("tissue", "disease", "sex", "development_stage", "self_reported_ethnicity")

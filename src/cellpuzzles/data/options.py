@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import CellPuzzlesError
+from cellpuzzles.core.errors import CellPuzzlesError
 
 
 @dataclass

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import atomic
-from ..errors import CellPuzzlesError
-from ..puzzle import CONTEXT_FIELDS, Puzzle, make_puzzle, write_puzzles
-from .cells import Cells
-from .options import PuzzleOptions
-from .validate import MIN_TYPES, group_key
+from cellpuzzles.core import atomic
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.task.puzzle import CONTEXT_FIELDS, Puzzle, make_puzzle, write_puzzles
+from cellpuzzles.data.cells import Cells
+from cellpuzzles.data.options import PuzzleOptions
+from cellpuzzles.data.validate import MIN_TYPES, group_key
 
 
 def _usable(obs: pd.DataFrame) -> pd.Series:

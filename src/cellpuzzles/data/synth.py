@@ -32,8 +32,8 @@ import scipy.sparse as sp
 from anndata.io import sparse_dataset, write_elem
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path
-from ..errors import CellPuzzlesError
+from cellpuzzles.core.atomic import atomic_path
+from cellpuzzles.core.errors import CellPuzzlesError
 
 # (name, Cell Ontology id, real marker symbols). Marker symbols are unique across types.
 CELL_TYPES: tuple[tuple[str, str, tuple[str, ...]], ...] = (

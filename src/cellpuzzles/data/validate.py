@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import atomic
-from .cells import Cells
-from .h5ad import CONTEXT, REQUIRED
+from cellpuzzles.core import atomic
+from cellpuzzles.data.cells import Cells
+from cellpuzzles.data.h5ad import CONTEXT, REQUIRED
 
 MIN_TYPES = 3
 LABEL_COLUMNS = ("donor_id", "cell_type")

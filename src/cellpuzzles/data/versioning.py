@@ -69,8 +69,8 @@ def resolve_data(source: str, version: str = "", repo_dir: str | os.PathLike = "
     version  "" for the workspace's data; else a git revision of ``repo_dir`` whose data.dvc
              is fetched from the DVC remote (``dvc get --rev``) into ``repo_dir/.data_versions/REV``.
     With no version and a DVC remote configured, ``dvc pull`` brings the workspace's data."""
-    from ..errors import CellPuzzlesError
-    from .bundled import FILE_NAME, materialise
+    from cellpuzzles.core.errors import CellPuzzlesError
+    from cellpuzzles.data.bundled import FILE_NAME, materialise
 
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     repo = Path(repo_dir)

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 from transformers import TrainerCallback
 
-from ..puzzle import Puzzle
-from ..reward import score
+from cellpuzzles.task.puzzle import Puzzle
+from cellpuzzles.task.reward import score
 
 
 class MetricsLogger(TrainerCallback):
@@ -51,7 +51,7 @@ class ValidationAccuracy(TrainerCallback):
         self.restated_genes = restated_genes
 
     def _run(self, model, step: int) -> None:
-        from ..decode import DecodeOptions, constrained_many, generate
+        from cellpuzzles.inference.decode import DecodeOptions, constrained_many, generate
 
         if not self.puzzles or model is None:
             return

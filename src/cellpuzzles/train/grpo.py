@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import CellPuzzlesError
-from ..puzzle import Puzzle
-from .callbacks import MetricsLogger, ValidationAccuracy
-from .model import load_model, lora, save
-from .rl_common import (
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.task.puzzle import Puzzle
+from cellpuzzles.train.callbacks import MetricsLogger, ValidationAccuracy
+from cellpuzzles.inference.folder import load_model, save
+from cellpuzzles.train.lora import lora
+from cellpuzzles.train.rl_common import (
     RLOptions,
     cellpuzzles_reward,
     completion_budget,
@@ -18,8 +19,8 @@ from .rl_common import (
     rl_rows,
     trainer_args,
 )
-from .scaffold_rollout import scaffold_rollout
-from .sft import _latest_checkpoint
+from cellpuzzles.train.scaffold_rollout import scaffold_rollout
+from cellpuzzles.train.sft import _latest_checkpoint
 
 
 def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathLike, out: str | os.PathLike,

@@ -42,15 +42,16 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..decode import prompt_text
-from ..errors import CellPuzzlesError
-from ..puzzle import Puzzle, is_well_formed
-from ..reward import batch_reward
-from .callbacks import MetricsLogger, ValidationAccuracy
-from .model import PromptOptions, load_model, lora, save
-from .ppo_env_tokens import EnvTokens, ids_key
-from .rl_common import RLOptions, completion_budget, resolve_rollout, trainer_args
-from .scaffold_rollout import ScaffoldGenerate
+from cellpuzzles.inference.prompting import prompt_text
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.task.puzzle import Puzzle, is_well_formed
+from cellpuzzles.task.reward import batch_reward
+from cellpuzzles.train.callbacks import MetricsLogger, ValidationAccuracy
+from cellpuzzles.inference.folder import PromptOptions, load_model, save
+from cellpuzzles.train.lora import lora
+from cellpuzzles.train.ppo_env_tokens import EnvTokens, ids_key
+from cellpuzzles.train.rl_common import RLOptions, completion_budget, resolve_rollout, trainer_args
+from cellpuzzles.train.scaffold_rollout import ScaffoldGenerate
 
 # PPO's inner loop: passes over each rollout batch. TRL's default of 4 on a GPU; 2 on CPU,
 # the fewest that still exercises the clipped ratio (the first pass is exactly on-policy,
@@ -89,7 +90,7 @@ class RuleRewardModel(nn.Module):
     ``getattr(model, model.base_model_prefix)(input_ids=..., attention_mask=..., position_ids=...,
     output_hidden_states=True, ...)`` and then ``model.score(output.hidden_states[-1])``, reading
     the value at each row's last non-pad token. Here the backbone computes, for each row,
-    ``cellpuzzles.reward.batch_reward(response_text, gold)`` and fills a [B, T, 1] float32
+    ``cellpuzzles.task.reward.batch_reward(response_text, gold)`` and fills a [B, T, 1] float32
     tensor with it; ``score`` is the identity. Nothing is learned: the module has no parameters.
 
     Splitting prompt from response: ``get_reward`` does not pass ``context_length`` to the

@@ -5,20 +5,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import CellPuzzlesError
-from ..puzzle import Puzzle
-from .callbacks import MetricsLogger
-from .rl_common import RLOptions
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.task.puzzle import Puzzle
+from cellpuzzles.train.callbacks import MetricsLogger
+from cellpuzzles.train.rl_common import RLOptions
 
 
 def train_rl(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathLike, out: str | os.PathLike,
              opt: RLOptions, logger: MetricsLogger | None = None) -> Path:
     if opt.algo == "grpo":
-        from .grpo import train_grpo
+        from cellpuzzles.train.grpo import train_grpo
 
         return train_grpo(train, val, model_path, out, opt, logger)
     if opt.algo == "ppo":
-        from .ppo import train_ppo
+        from cellpuzzles.train.ppo import train_ppo
 
         return train_ppo(train, val, model_path, out, opt, logger)
     raise CellPuzzlesError(f"--algo {opt.algo!r}: choose grpo or ppo")

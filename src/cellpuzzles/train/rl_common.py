@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..puzzle import Puzzle, is_well_formed
-from ..reward import batch_reward
-from .model import PromptOptions
+from cellpuzzles.task.puzzle import Puzzle, is_well_formed
+from cellpuzzles.task.reward import batch_reward
+from cellpuzzles.inference.folder import PromptOptions
 
 
 # Per-algorithm defaults for the fields left None, tuned on the tiny default with scaffold
@@ -56,7 +56,7 @@ ROLLOUTS = ("auto", "hf", "vllm", "scaffold")
 
 def resolve_rollout(rollout: str, prompt: PromptOptions) -> str:
     """The rollout backend to use for this model (``auto`` decided by its prompt options)."""
-    from ..errors import CellPuzzlesError
+    from cellpuzzles.core.errors import CellPuzzlesError
 
     if rollout not in ROLLOUTS:
         raise CellPuzzlesError(f"--rollout {rollout}: use one of {', '.join(ROLLOUTS)}")
@@ -76,7 +76,7 @@ def completion_text(c) -> str:
 
 
 def cellpuzzles_reward(completions, answer, **kwargs) -> list[float]:
-    """The Cell-o1 batch reward (``cellpuzzles.reward.batch_reward``), nothing else."""
+    """The Cell-o1 batch reward (``cellpuzzles.task.reward.batch_reward``), nothing else."""
     return [batch_reward(completion_text(c), a) for c, a in zip(completions, answer)]
 
 

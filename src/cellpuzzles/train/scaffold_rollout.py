@@ -1,4 +1,4 @@
-"""Rollouts through the per-cell scaffold (``cellpuzzles.scaffold``) for models trained on
+"""Rollouts through the per-cell scaffold (``cellpuzzles.task.scaffold``) for models trained on
 scaffold traces: GRPO takes them as TRL's ``rollout_func``, PPO through the policy's
 ``generate`` (``ScaffoldGenerate``).
 
@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..puzzle import ANSWER_SEP, Puzzle
-from ..scaffold import cell_line
+from cellpuzzles.task.puzzle import ANSWER_SEP, Puzzle
+from cellpuzzles.task.scaffold import cell_line
 
 
 def sample_completion(model, tok, p: Puzzle, k: int, temperature: float, rng) -> tuple[list, list, list]:
     """One scaffold rollout of puzzle ``p`` (already shown, ``PromptOptions.apply``):
     completion token ids (ending in EOS when the tokenizer has one), a mask (1 on the sampled
     type tokens) and a log-likelihood per token (the sampled candidate's, spread over its tokens)."""
-    from ..decode import PrefixCache, prompt_text, slot_scores
+    from cellpuzzles.inference.decode import PrefixCache, slot_scores
+    from cellpuzzles.inference.prompting import prompt_text
 
     head = prompt_text(tok, p)
     ids, mask, lps = [], [], []
@@ -55,7 +56,7 @@ def sample_completion(model, tok, p: Puzzle, k: int, temperature: float, rng) ->
 def sample_batch(model, tok, puzzles: list[Puzzle], k: int, temperature: float, rng) -> list[tuple[list, list, list]]:
     """``sample_completion`` for many puzzles: slot i of all of them in one forward pass
     (``scaffold_batch.fill_slots``) when every candidate is one token, else one by one."""
-    from ..scaffold_batch import batchable, fill_slots
+    from cellpuzzles.inference.scaffold_batch import batchable, fill_slots
 
     if not batchable(tok, puzzles):
         return [sample_completion(model, tok, p, k, temperature, rng) for p in puzzles]
@@ -111,7 +112,7 @@ class _Eval:
 
 def scaffold_rollout(tok, puzzles: list[Puzzle], k: int, temperature: float = 1.0, seed: int = 0):
     """A ``rollout_func(prompts, trainer)`` for GRPOTrainer over these (already shown) puzzles."""
-    from ..decode import prompt_text
+    from cellpuzzles.inference.prompting import prompt_text
 
     by_prompt = {p.user_msg: p for p in puzzles}
     rng = np.random.default_rng(seed)
@@ -167,7 +168,7 @@ class ScaffoldGenerate:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
         from trl.experimental.ppo.ppo_trainer import forward
 
-        from ..errors import CellPuzzlesError
+        from cellpuzzles.core.errors import CellPuzzlesError
 
         pad = self.tok.pad_token_id
         temperature = float(generation_config.temperature or 1.0)

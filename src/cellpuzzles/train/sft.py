@@ -12,10 +12,11 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import CellPuzzlesError
-from ..puzzle import Puzzle
-from ..scaffold import restated_genes
-from .model import PromptOptions, load_model, lora, save
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.task.puzzle import Puzzle
+from cellpuzzles.task.scaffold import restated_genes
+from cellpuzzles.inference.folder import PromptOptions, load_model, save
+from cellpuzzles.train.lora import lora
 
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
 
@@ -74,7 +75,7 @@ def sft(pairs: list[tuple[Puzzle, str]], model_path: str | os.PathLike, out: str
 
     opt = opt or SFTOptions()
     model, tok, prompt = load_model(model_path)
-    # a model trained on scaffold traces is decoded with the scaffold (cellpuzzles.scaffold)
+    # a model trained on scaffold traces is decoded with the scaffold (cellpuzzles.task.scaffold)
     prompt = replace(prompt, restated_genes=restated_genes([(prompt.apply(p), t) for p, t in pairs]))
     is_tiny = model.num_parameters() < 20_000_000
     use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ..puzzle import MATCH_LINE, SYSTEM_MSG
+from cellpuzzles.task.puzzle import MATCH_LINE, SYSTEM_MSG
 
 PAD, UNK, BOS, EOS = "<|pad|>", "<|unk|>", "<|im_start|>", "<|im_end|>"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")

@@ -1,0 +1,60 @@
+"""The evaluation record a model carries into the registry and the gate.
+
+A folder with ``evaluation.json`` (metrics per decoding mode and the reward of every test
+puzzle, so two models scored on the same puzzles can be compared pair by pair) and
+``predictions_<mode>.jsonl`` (the completions, for people to read)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from cellpuzzles.core import atomic
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.task.puzzle import Puzzle
+from cellpuzzles.task.reward import batch_reward
+
+FILE = "evaluation.json"
+VERSION = 1
+
+
+def puzzles_sha256(puzzles: Sequence[Puzzle]) -> str:
+    """Identity of a test set: the ids and answers of its puzzles, in order."""
+    h = hashlib.sha256()
+    for p in puzzles:
+        h.update(f"{p.puzzle_id}\t{p.answer_text}\n".encode())
+    return h.hexdigest()
+
+
+def write_evaluation(folder: str | os.PathLike, model: str, test: Sequence[Puzzle],
+                     completions: dict[str, Sequence[str]], metrics: dict[str, dict]) -> Path:
+    """``completions`` and ``metrics`` are keyed by decoding mode ('free', 'constrained')."""
+    out = Path(folder)
+    modes = {}
+    for mode, comps in completions.items():
+        rewards = {p.puzzle_id: batch_reward(c, p.answer_text) for p, c in zip(test, comps)}
+        atomic.write_jsonl(out / f"predictions_{mode}.jsonl",
+                           ({"puzzle_id": p.puzzle_id, "completion": c, "reward": rewards[p.puzzle_id]}
+                            for p, c in zip(test, comps)))
+        modes[mode] = {"metrics": {k: v for k, v in metrics[mode].items() if k != "by_n"},
+                       "by_n": metrics[mode].get("by_n", {}), "rewards": rewards}
+    record = {"version": VERSION, "model": model, "test_sha256": puzzles_sha256(test),
+              "n_puzzles": len(test), "modes": modes}
+    atomic.write_json(out / FILE, record)  # written last: its presence marks the folder complete
+    return out / FILE
+
+
+def read_evaluation(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / FILE
+    if not path.is_file():
+        raise CellPuzzlesError(f"{folder}: no {FILE}; pass the output folder of an evaluation step")
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CellPuzzlesError(f"{path}: not valid JSON ({e.msg}); rerun the evaluation") from None
+    if not isinstance(rec, dict) or rec.get("version") != VERSION or not isinstance(rec.get("modes"), dict):
+        raise CellPuzzlesError(f"{path}: not a version-{VERSION} evaluation record; rerun the evaluation")
+    return rec

@@ -1,0 +1,178 @@
+"""The promotion gate: may a registered version become the ``champion``?
+
+It passes only if, in the served decoding mode, the version's batch accuracy and format
+ratio reach their floors, and, when a champion exists, a paired bootstrap over the test
+puzzles (challenger − champion, per puzzle) shows it not worse than the champion by more
+than ``tolerance`` (lower bound of the mean difference >= −tolerance), or better by
+``margin`` when one is set (lower bound >= +margin). Both must have been scored on the
+same test puzzles (same ``test_sha256``). The per-puzzle quantity is the batch-level
+exact match (reward == 1), so the mean difference is the batch-accuracy difference.
+
+On pass, ``champion`` moves to the version and the old champion becomes ``previous``; on
+fail nothing moves. Either way the decision is written as ``gate.*`` version tags and as a
+markdown report logged to the version's run (``gate/report_v<version>.md``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.release.registry import CHAMPION, DEFAULT_NAME, PREVIOUS, alias_version, mlflow_errors, read_version_evaluation, resolve_version
+
+REQUIRED = ("batch_accuracy", "format_ratio")
+
+
+@dataclass
+class GateOptions:
+    """What the gate demands. The metrics are those of ``mode``, the served decoding mode."""
+
+    min_batch_accuracy: float = 0.0  # floor; the tiny CPU default is near chance, set it for real models
+    min_format_ratio: float = 0.95
+    mode: str = "constrained"
+    tolerance: float = 0.02  # largest allowed drop in batch accuracy against the champion
+    margin: float | None = None  # required gain instead of 'not worse' (lower bound >= +margin)
+    n_boot: int = 2000
+    confidence: float = 0.95
+    seed: int = 0
+
+    def check(self) -> None:
+        if not 0.0 < self.confidence < 1.0:
+            raise CellPuzzlesError(f"--confidence {self.confidence}: must be between 0 and 1, e.g. 0.95")
+        if self.n_boot < 100:
+            raise CellPuzzlesError(f"--n-boot {self.n_boot}: use at least 100 bootstrap resamples")
+        if self.tolerance < 0:
+            raise CellPuzzlesError(f"--tolerance {self.tolerance}: a drop must be >= 0 (e.g. 0.02)")
+        if self.mode not in ("constrained", "free"):
+            raise CellPuzzlesError(f"--mode {self.mode!r}: choose 'constrained' or 'free'")
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    version: str
+    reasons: list[str]
+    evidence: dict
+    report: str = ""
+    moved: dict[str, str] = field(default_factory=dict)  # alias -> version, the aliases this call moved
+
+
+def paired_bootstrap(diff: np.ndarray, n_boot: int, confidence: float, seed: int) -> tuple[float, float, float]:
+    """Mean of per-puzzle differences and its percentile interval (resampling puzzles)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
+    means = diff[idx].mean(axis=1)
+    a = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(means, [a, 1.0 - a])
+    return float(diff.mean()), float(lo), float(hi)
+
+
+def _solved(mode_record: dict) -> dict[str, float]:
+    return {pid: float(r >= 1.0) for pid, r in mode_record.get("rewards", {}).items()}
+
+
+def decide(challenger: dict, champion: dict | None, options: GateOptions) -> tuple[list[str], dict]:
+    """Failure reasons (empty: pass) and evidence, from two evaluation records."""
+    o, reasons = options, []
+    ev: dict = {"mode": o.mode, "test_sha256": challenger.get("test_sha256")}
+    mode = challenger["modes"].get(o.mode)
+    metrics = (mode or {}).get("metrics", {})
+    if mode is None:
+        reasons.append(f"no '{o.mode}' evaluation (modes: {', '.join(challenger['modes']) or 'none'})")
+    for k in REQUIRED:
+        if mode is not None and not isinstance(metrics.get(k), (int, float)):
+            reasons.append(f"metric {o.mode}.{k} is missing")
+    ba, fr = metrics.get("batch_accuracy"), metrics.get("format_ratio")
+    ev.update(batch_accuracy=ba, format_ratio=fr)
+    if isinstance(ba, (int, float)) and ba < o.min_batch_accuracy:
+        reasons.append(f"batch accuracy {ba:.4f} < floor {o.min_batch_accuracy}")
+    if isinstance(fr, (int, float)) and fr < o.min_format_ratio:
+        reasons.append(f"format ratio {fr:.4f} < floor {o.min_format_ratio}")
+    if champion is None or mode is None:
+        return reasons, ev
+    if champion.get("test_sha256") != challenger.get("test_sha256"):
+        reasons.append(f"different test sets: challenger test_sha256 {str(challenger.get('test_sha256'))[:12]} vs "
+                       f"champion {str(champion.get('test_sha256'))[:12]}; evaluate both on the same test puzzles")
+        return reasons, ev
+    cmode = champion["modes"].get(o.mode)
+    if cmode is None:
+        reasons.append(f"the champion has no '{o.mode}' evaluation to compare with")
+        return reasons, ev
+    new, old = _solved(mode), _solved(cmode)
+    ids = sorted(old)
+    if not ids or set(new) != set(old):
+        reasons.append("per-puzzle rewards do not cover the same puzzles; re-evaluate with the evaluation step")
+        return reasons, ev
+    diff = np.asarray([new[i] - old[i] for i in ids])
+    delta, lo, hi = paired_bootstrap(diff, o.n_boot, o.confidence, o.seed)
+    need = o.margin if o.margin is not None else -o.tolerance
+    ev.update(champion_batch_accuracy=float(np.mean([old[i] for i in ids])), delta=delta, ci_low=lo, ci_high=hi,
+              required_ci_low=need, n_paired=len(ids), wins=int((diff > 0).sum()), losses=int((diff < 0).sum()))
+    if lo < need:
+        test = f"better by {o.margin}" if o.margin is not None else f"not worse by more than {o.tolerance}"
+        reasons.append(f"batch accuracy vs champion: delta {delta:+.4f}, {o.confidence:.0%} CI [{lo:+.4f}, {hi:+.4f}]; "
+                       f"lower bound < {need:+.4f} (needs {test})")
+    return reasons, ev
+
+
+def report_markdown(name: str, version: str, passed: bool, reasons: list[str], ev: dict, options: GateOptions) -> str:
+    lines = [f"# Gate: {name} version {version} — {'PASS' if passed else 'FAIL'}", "",
+             f"- mode: `{options.mode}`; test set `{str(ev.get('test_sha256'))[:16]}`",
+             f"- champion before: {ev.get('champion_version') or 'none'}", ""]
+    lines += ["| check | value | required |", "|---|---|---|"]
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines.append(f"| batch accuracy | {fmt(ev.get('batch_accuracy'))} | >= {options.min_batch_accuracy} |")
+    lines.append(f"| format ratio | {fmt(ev.get('format_ratio'))} | >= {options.min_format_ratio} |")
+    if "delta" in ev:
+        lines.append(f"| champion batch accuracy | {fmt(ev['champion_batch_accuracy'])} | |")
+        lines.append(f"| delta (paired, {ev['n_paired']} puzzles; {ev['wins']} won, {ev['losses']} lost) | "
+                     f"{ev['delta']:+.4f} [{ev['ci_low']:+.4f}, {ev['ci_high']:+.4f}] | lower bound >= {ev['required_ci_low']:+.4f} |")
+    lines += ["", "## Reasons" if reasons else "All checks passed.", *[f"- {r}" for r in reasons], "",
+              f"Options: `{json.dumps(asdict(options))}`", ""]
+    return "\n".join(lines)
+
+
+def gate(name: str = DEFAULT_NAME, version: str | int = "challenger", options: GateOptions | None = None,
+         *, tracking_uri: str | None = None) -> GateDecision:
+    """Decide whether ``version`` (a number or an alias) becomes the champion; move aliases on pass."""
+    from cellpuzzles.release.registry import client
+
+    options = options or GateOptions()
+    options.check()
+    c = client(tracking_uri)
+    mv = resolve_version(c, name, version)
+    v = str(mv.version)
+    record = read_version_evaluation(c, mv)
+    with mlflow_errors(f"reading the aliases of '{name}'"):
+        champ_v = alias_version(c, name, CHAMPION)
+    rerun = champ_v == v
+    # already champion: compare with the champion it replaced, the same evidence as when it was promoted
+    base_v = mv.tags.get("gate.champion_version") if rerun else champ_v
+    base_v = base_v if base_v and base_v not in ("none", v) else None
+    base = read_version_evaluation(c, resolve_version(c, name, base_v)) if base_v else None
+    reasons, ev = decide(record, base, options)
+    ev["champion_version"] = base_v
+    passed = not reasons
+    moved: dict[str, str] = {}
+    with mlflow_errors(f"recording the gate decision for '{name}' version {v}"):
+        if passed and not rerun:
+            if champ_v:
+                c.set_registered_model_alias(name, PREVIOUS, champ_v)
+                moved[PREVIOUS] = champ_v
+            c.set_registered_model_alias(name, CHAMPION, v)
+            moved[CHAMPION] = v
+        report = report_markdown(name, v, passed, reasons, ev, options)
+        tags = {"gate.decision": "pass" if passed else "fail", "gate.reasons": "; ".join(reasons)[:5000] or "-",
+                "gate.champion_version": base_v or "none", "gate.mode": options.mode,
+                "gate.options": json.dumps(asdict(options))}
+        for k in ("delta", "ci_low", "ci_high", "batch_accuracy", "format_ratio"):
+            if isinstance(ev.get(k), (int, float)):
+                tags[f"gate.{k}"] = repr(float(ev[k]))
+        for k, val in tags.items():
+            c.set_model_version_tag(name, v, k, val)
+        if mv.run_id:
+            c.log_text(mv.run_id, report, f"gate/report_v{v}.md")
+    return GateDecision(passed=passed, version=v, reasons=reasons, evidence=ev, report=report, moved=moved)

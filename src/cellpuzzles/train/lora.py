@@ -1,0 +1,9 @@
+"""LoRA adapters (PEFT) for fine-tuning a Hugging Face model."""
+
+
+def lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05):
+    """Wrap a model with LoRA adapters on every linear layer (PEFT)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
