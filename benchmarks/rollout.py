@@ -112,9 +112,9 @@ def scaffold(a) -> None:
     import numpy as np
     import torch
 
+    from cellpuzzles.inference.folder import load_model
     from cellpuzzles.inference.prompting import prompt_text
     from cellpuzzles.task.puzzle import read_puzzles
-    from cellpuzzles.inference.folder import load_model
     from cellpuzzles.train.scaffold_rollout import sample_batch
 
     model, tok, prompt = load_model(a.scaffold)

@@ -33,8 +33,8 @@ def build_model(root: Path):
     from cellpuzzles.data.bundled import materialise
     from cellpuzzles.data.cells import CellsOptions, build_cells
     from cellpuzzles.data.sample import PuzzleOptions, make_splits
-    from cellpuzzles.distill.traces import DistillOptions, distill, read_traces
     from cellpuzzles.distill.teachers.markers import MarkersTeacher
+    from cellpuzzles.distill.traces import DistillOptions, distill, read_traces
     from cellpuzzles.inference.folder import PromptOptions
     from cellpuzzles.train.tiny import TinyConfig, build_tiny
 

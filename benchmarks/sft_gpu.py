@@ -40,11 +40,11 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from cellpuzzles.task.puzzle import make_puzzle
     from cellpuzzles.inference.folder import PromptOptions, save
+    from cellpuzzles.task.puzzle import make_puzzle
     from cellpuzzles.train.sft import SFTOptions, sft
 
     gpu = torch.cuda.is_available()

@@ -30,14 +30,14 @@ def main() -> None:
     from cellpuzzles.data.bundled import materialise
     from cellpuzzles.data.cells import CellsOptions, build_cells
     from cellpuzzles.data.sample import PuzzleOptions, make_splits
-    from cellpuzzles.distill.traces import DistillOptions, distill, read_traces
     from cellpuzzles.distill.teachers.markers import MarkersTeacher
-    from cellpuzzles.train.callbacks import MetricsLogger
+    from cellpuzzles.distill.traces import DistillOptions, distill, read_traces
     from cellpuzzles.inference.folder import PromptOptions, load_model
-    from cellpuzzles.train.tiny import build_tiny
+    from cellpuzzles.train.callbacks import MetricsLogger
     from cellpuzzles.train.rl import train_rl
     from cellpuzzles.train.rl_common import RLOptions
     from cellpuzzles.train.sft import SFTOptions, conversations, sft
+    from cellpuzzles.train.tiny import build_tiny
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     cells = build_cells(materialise(work / "data"), CellsOptions(progress=False))

@@ -36,27 +36,29 @@ def sft(traces: Input[Dataset], base_model: str, steps: int, learning_rate: floa
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
-def rl(puzzle_set: Input[Dataset], sft_model: Input[Model], algo: str, steps: int, learning_rate: float, beta: float,
-       seed: int, mlflow_uri: str, model: Output[Model]) -> str:
+def rl(puzzle_set: Input[Dataset], sft_model: Input[Model], algo: str, options: dict, seed: int, mlflow_uri: str,
+       model: Output[Model]) -> str:
     """RL with the batch-level reward: GRPO (TRL GRPOTrainer) or PPO (TRL experimental PPOTrainer).
-    steps 0, learning_rate 0 and beta < 0 take the algorithm's defaults (``ALGO_DEFAULTS``)."""
+    ``options``: RLOptions fields to set (e.g. {"max_steps": 2}); the rest take the algorithm's defaults."""
+    from cellpuzzles.core.options import build
     from cellpuzzles.steps.common import run_step
     from cellpuzzles.steps.learning import rl_step
     from cellpuzzles.train.rl_common import RLOptions
 
-    opt = RLOptions(algo=algo, max_steps=steps or None, learning_rate=learning_rate or None,
-                    beta=None if beta < 0 else beta, seed=seed)
-    r = run_step("rl", rl_step, puzzle_set.path, sft_model.path, model.path, opt, mlflow_uri)
+    r = run_step("rl", lambda: rl_step(puzzle_set.path, sft_model.path, model.path,
+                                       build(RLOptions, options, algo=algo, seed=seed), mlflow_uri))
     return r["mlflow_run_id"]
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
-def evaluate(model: Input[Model], puzzle_set: Input[Dataset], name: str, limit: int, seed: int, mlflow_uri: str,
+def evaluate(model: Input[Model], puzzle_set: Input[Dataset], name: str, options: dict, seed: int, mlflow_uri: str,
              evaluation: Output[Artifact], metrics: Output[Metrics]) -> str:
-    """Free and constrained decoding on the held-out test split → the evaluation record."""
+    """Free and constrained decoding on the held-out test split → the evaluation record.
+    ``options``: {"limit": K} decodes only K test puzzles (default: all)."""
     from cellpuzzles.steps.common import log_kfp_metrics, run_step
     from cellpuzzles.steps.learning import evaluate_step
 
-    r = run_step("evaluate", evaluate_step, model.path, puzzle_set.path, evaluation.path, name, limit, seed, mlflow_uri)
+    r = run_step("evaluate", evaluate_step, model.path, puzzle_set.path, evaluation.path, name,
+                 int(options["limit"]) if options.get("limit") is not None else None, seed, mlflow_uri)
     log_kfp_metrics(metrics, {f"{mode}_{k}": v for mode, m in r["metrics"].items() for k, v in m.items()})
     return r["mlflow_run_id"]

@@ -7,39 +7,42 @@ from cellpuzzles.release.placement import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
-def register(model: Input[Model], evaluation: Input[Artifact], model_name: str, job_name: str, mlflow_uri: str,
+def register(model: Input[Model], evaluation: Input[Artifact], sft_evaluation: Input[Artifact], model_name: str, job_name: str, mlflow_uri: str,
              data_version: str, validate_run: str, puzzles_run: str, distill_run: str, sft_run: str, rl_run: str,
              evaluate_run: str, base_model: str, rl_algo: str, seed: int) -> str:
-    """A new version of the registered model with alias 'challenger', tagged with metrics and lineage."""
-    from cellpuzzles.steps.release import register_step
+    """A new version of the registered model with alias 'challenger', tagged with metrics, lineage and
+    the paired RL-vs-SFT difference on the same test puzzles."""
     from cellpuzzles.steps.common import run_step
+    from cellpuzzles.steps.release import register_step
 
     runs = {"validate": validate_run, "puzzles": puzzles_run, "distill": distill_run, "sft": sft_run,
             "rl": rl_run, "evaluate": evaluate_run}
     config = {"base_model": base_model, "rl_algo": rl_algo, "seed": seed}
     return run_step("register", register_step, model.path, evaluation.path, model_name, job_name, mlflow_uri,
-                    runs, config, data_version)
+                    runs, config, data_version, sft_evaluation.path)
 
 
 @dsl.component(base_image=CPU_IMAGE)
 def gate(model_name: str, version: str, min_batch_accuracy: float, min_format_ratio: float, tolerance: float,
-         margin: float, mlflow_uri: str, report: Output[Markdown], decision: Output[Artifact]) -> str:
-    """'pass' moves the champion alias to this version (the old one becomes 'previous'); 'fail' moves nothing."""
+         options: dict, mlflow_uri: str, report: Output[Markdown], decision: Output[Artifact]) -> str:
+    """'pass' moves the champion alias to this version (the old one becomes 'previous'); 'fail' moves nothing.
+    ``options``: other GateOptions fields to set, e.g. {"margin": 0.02}."""
+    from cellpuzzles.core.options import build
     from cellpuzzles.release.gate import GateOptions
-    from cellpuzzles.steps.release import gate_step
     from cellpuzzles.steps.common import run_step
+    from cellpuzzles.steps.release import gate_step
 
-    opt = GateOptions(min_batch_accuracy=min_batch_accuracy, min_format_ratio=min_format_ratio,
-                      tolerance=tolerance, margin=margin if margin > 0 else None)
-    return run_step("gate", gate_step, model_name, version, opt, report.path, decision.path, mlflow_uri)
+    opt = dict(min_batch_accuracy=min_batch_accuracy, min_format_ratio=min_format_ratio, tolerance=tolerance)
+    return run_step("gate", lambda: gate_step(model_name, version, build(GateOptions, options, **opt), report.path,
+                                              decision.path, mlflow_uri))
 
 
 @dsl.component(base_image=CPU_IMAGE)
 def deploy(model_name: str, version: str, namespace: str, storage_uri: str, artifact_store: str, apply: bool, gpus: int,
            min_replicas: int, max_replicas: int, canary_percent: int, mlflow_uri: str, manifest: Output[Artifact]) -> str:
     """Render the champion's InferenceService; apply it (and wait, rolling back on failure) when asked."""
-    from cellpuzzles.steps.release import deploy_step
     from cellpuzzles.steps.common import run_step
+    from cellpuzzles.steps.release import deploy_step
 
     return run_step("deploy", deploy_step, model_name, version, namespace, storage_uri, artifact_store, apply, gpus,
                     min_replicas, max_replicas, canary_percent, manifest.path, mlflow_uri)

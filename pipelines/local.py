@@ -9,22 +9,23 @@ is written last and names every output, the metrics and the gate decision.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cellpuzzles import __version__
-
 from cellpuzzles.core import atomic
 from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.provenance import provenance
+from cellpuzzles.steps.common import FAILURE_ENV, PROGRESS_ENV
 
 CACHEABLE = ("validate", "puzzles", "distill", "sft", "rl")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp colours its error messages
 
 
 @dataclass
@@ -42,7 +43,6 @@ def code_fingerprint() -> str:
     pipeline. kfp.local's cache key covers a step's inputs and image tag (the package
     version), not the code behind them, so this decides whether cached steps are still valid."""
     import hashlib
-
     import importlib
 
     h = hashlib.sha256()
@@ -73,42 +73,39 @@ def drop_stale_cache(root: Path, fingerprint: str) -> bool:
     return dropped
 
 
-class _Progress(io.TextIOBase):
-    """stdout during the pipeline: every line to the log, progress lines to the terminal."""
+class ProgressFollower(threading.Thread):
+    """Shows the steps' progress events (JSON lines the steps append to ``path``, see
+    ``cellpuzzles.steps.common.progress``) on the terminal while the pipeline runs."""
 
-    KEEP = re.compile(r"^\s*(\[cellpuzzles |error: )|Executing task|finished with status|cache hit|Cache hit|"
-                      r"\| batch acc|^\s*\S+/(free|constrained)\s")
+    MARKS = {"start": "  ▶ {step}", "done": "  ✓ {step}", "failed": "  ✗ {step}: {message}",
+             "progress": "    {clock}  {message}"}
 
-    def __init__(self, log, term):
-        self.log, self.term, self.buf = log, term, ""
+    def __init__(self, path: Path, term):
+        super().__init__(name="progress", daemon=True)
+        self.path, self.term, self.offset, self.stopping = path, term, 0, threading.Event()
 
-    def write(self, s: str) -> int:
-        self.log.write(s)
-        self.buf += s
-        while "\n" in self.buf:
-            line, self.buf = self.buf.split("\n", 1)
-            plain = ANSI.sub("", line)
-            if self.KEEP.search(plain):
-                self.term.write(_short(plain) + "\n")
-                self.term.flush()
-        return len(s)
+    def run(self) -> None:
+        while not self.stopping.wait(0.2):
+            self.drain()
+        self.drain()
 
-    def flush(self) -> None:
-        self.log.flush()
+    def drain(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path) as fh:
+            fh.seek(self.offset)
+            for line in iter(fh.readline, ""):
+                if not line.endswith("\n"):  # a line still being written: read it next time
+                    break
+                self.offset += len(line.encode())
+                e = json.loads(line)
+                clock = time.strftime("%H:%M:%S", time.localtime(e["time"]))
+                self.term.write(self.MARKS.get(e["event"], self.MARKS["progress"]).format(clock=clock, **e) + "\n")
+        self.term.flush()
 
-
-def _short(line: str) -> str:
-    line = line.strip()
-    m = re.search(r"Executing task '([^']+)'", line)
-    if m:
-        return f"  ▶ {m.group(1)}"
-    m = re.search(r"Task '?([\w-]+)'? cache hit", line)
-    if m:
-        return f"  ↺ {m.group(1)} (cached: reused from an earlier run)"
-    m = re.search(r"Task '([^']+)' finished with status (\w+)", line)
-    if m:
-        return f"  {'✓' if m.group(2) == 'SUCCESS' else '✗'} {m.group(1)} {m.group(2).lower()}"
-    return "    " + line.removeprefix("[cellpuzzles ").replace("] ", "  ", 1) if line.startswith("[cellpuzzles") else "    " + line
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
 
 
 def pipeline_arguments(opt: RunOptions, mlflow_uri: str) -> dict:
@@ -134,8 +131,8 @@ def run(opt: RunOptions) -> dict:
 
     import kfp.local
 
-    from cellpuzzles.pipelines.retrain import retrain_pipeline
     from cellpuzzles.core.tracking import connect
+    from cellpuzzles.pipelines.retrain import retrain_pipeline
 
     out = Path(opt.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +144,9 @@ def run(opt: RunOptions) -> dict:
     root.mkdir(exist_ok=True)
     failure = root / "failure.txt"
     failure.unlink(missing_ok=True)
-    os.environ["CELLPUZZLES_FAILURE_FILE"] = str(failure)
+    events = root / "progress.jsonl"
+    events.unlink(missing_ok=True)
+    os.environ[FAILURE_ENV], os.environ[PROGRESS_ENV] = str(failure), str(events)
     before = {p.name for p in root.iterdir()}
     # the steps run in this Python environment, as intended, not in their images
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
@@ -157,25 +156,25 @@ def run(opt: RunOptions) -> dict:
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                    enable_caching=opt.cache, workspace_root=str(out / "kfp-workspace"))
     print(f"running the retraining pipeline with kfp.local (task log: {out / 'pipeline.log'})", flush=True)
+    follower = ProgressFollower(events, sys.stdout)
+    follower.start()
     real_stdout = sys.stdout
     try:
         with open(out / "pipeline.log", "a") as log:
-            sys.stdout = _Progress(log, real_stdout)
+            sys.stdout = log  # kfp's own lines and every task's output go to the task log
             try:
                 retrain_pipeline(**args)
             finally:
                 sys.stdout.flush()
                 sys.stdout = real_stdout
+                follower.stop()
     except RuntimeError as e:
-        msg = ANSI.sub("", str(e))
-        step = re.findall(r"Inner task failed: '([^']+)'", msg) or re.findall(r"'([^']+)'", msg)
-        reason = failure.read_text().strip().splitlines()[-1] if failure.is_file() else "see the task log"
-        if step and reason.startswith(f"{step[0]}: "):
-            reason = reason[len(step[0]) + 2:]
-        raise CellPuzzlesError(f"pipeline failed at step {step[0] if step else '?'}: {reason} "
-                               f"(full log: {out / 'pipeline.log'})") from None
+        failed = failure.read_text().strip().splitlines() if failure.is_file() else []
+        step, _, reason = failed[-1].partition(": ") if failed else ("?", "", ANSI.sub("", str(e)))
+        raise CellPuzzlesError(f"pipeline failed at step {step}: {reason} (full log: {out / 'pipeline.log'})") from None
     finally:
-        os.environ.pop("CELLPUZZLES_FAILURE_FILE", None)
+        os.environ.pop(FAILURE_ENV, None)
+        os.environ.pop(PROGRESS_ENV, None)
     jobs = sorted({p.name for p in root.iterdir() if p.is_dir()} - before - {".kfp_cache"})
     if not jobs:
         raise CellPuzzlesError(f"the pipeline finished but wrote no run folder under {root}")
@@ -195,10 +194,19 @@ def _find(job: Path, task: str, output: str, reused: bool = False) -> Path | Non
 
 
 def collect_summary(job: Path, opt: RunOptions, args: dict, mlflow_uri: str, seconds: float) -> dict:
+    from cellpuzzles.evaluation.compare import paired_difference
     from cellpuzzles.evaluation.record import read_evaluation
 
-    ev_dir = _find(job, "evaluate", "evaluation")
-    record = read_evaluation(ev_dir) if ev_dir else {"modes": {}}
+    records = {}  # model name ("sft", the RL algorithm) -> (folder, evaluation record)
+    for f in sorted(job.glob("**/evaluation/evaluation.json")):
+        rec = read_evaluation(f.parent)
+        records[rec["model"]] = (f.parent, rec)
+    algo = args.get("rl_algo", "grpo")
+    ev_dir, record = records.get(algo, (None, {"modes": {}}))
+    rl_vs_sft = {}
+    if algo in records and "sft" in records:
+        sft = records["sft"][1]
+        rl_vs_sft = {m: paired_difference(record, sft, m) for m in record["modes"] if m in sft["modes"]}
     decision_file = _find(job, "gate", "decision")
     decision = json.loads(decision_file.read_text()) if decision_file else None
     manifest = _find(job, "deploy", "manifest")
@@ -211,7 +219,8 @@ def collect_summary(job: Path, opt: RunOptions, args: dict, mlflow_uri: str, sec
         "version": __version__,
         "options": asdict(opt),
         "pipeline": {"job": job.name, "folder": str(job), "arguments": args},
-        "models": {args.get("rl_algo", "grpo"): {m: r["metrics"] for m, r in record["modes"].items()}},
+        "models": {name: {m: r["metrics"] for m, r in rec["modes"].items()} for name, (_, rec) in records.items()},
+        "rl_vs_sft": rl_vs_sft,  # paired on the same test puzzles: batch accuracy of RL minus SFT
         "baselines": {k: {kk: v[kk] for kk in ("batch_accuracy", "batch_accuracy_ci", "cell_accuracy")}
                       for k, v in json.loads(baselines.read_text()).items()} if baselines and baselines.is_file() else {},
         "evaluation": str(ev_dir) if ev_dir else None,
@@ -223,6 +232,8 @@ def collect_summary(job: Path, opt: RunOptions, args: dict, mlflow_uri: str, sec
         "data_docs": str(docs / "data_docs" / "index.html") if docs else None,
         "mlflow": {"tracking_uri": mlflow_uri},
         "wall_seconds": round(seconds, 1),
+        "seed": opt.seed,
+        "provenance": provenance(Path(__file__).resolve().parents[1]),  # the code that ran: this checkout
     }
 
 
@@ -234,6 +245,9 @@ def print_result(s: dict, out: Path) -> None:
     rows = {f"{name}/{mode}": m for name, modes in s["models"].items() for mode, m in modes.items()}
     if rows:
         print("\n" + format_table(rows))
+    for mode, d in s.get("rl_vs_sft", {}).items():
+        print(f"RL vs SFT ({mode}): {d['after']:.3f} vs {d['before']:.3f}, paired difference "
+              f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] on {d['n']} puzzles")
     gate = s["gate"]
     if gate:
         ev, o = gate.get("evidence") or {}, gate.get("options") or {}

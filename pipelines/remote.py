@@ -19,12 +19,13 @@ import json
 import re
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 
 from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.options import parse_key_value
 
 HEALTHZ_TIMEOUT_S = 15
 PAGE_SIZE = 100
@@ -137,10 +138,7 @@ def parse_params(items: list[str], declared: dict[str, dict]) -> dict:
     """
     params: dict = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise CellPuzzlesError(f"--param {item!r}: expected KEY=VALUE, e.g. --param max_steps=200")
+        key, raw = parse_key_value(item, "--param", "max_steps=200")
         if key in params:
             raise CellPuzzlesError(f"--param {key} given twice; pass each parameter once")
         if key not in declared:
@@ -277,7 +275,7 @@ class Submitted:
 def submit_run(conn: Connection, package: Path, params: dict, experiment: str = "cellpuzzles",
                run_name: str | None = None, enable_caching: bool | None = None) -> Submitted:
     """Create (or reuse) the experiment and start one run of the package, spec inline."""
-    run_name = run_name or f"{pipeline_name(package)} {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S}"
+    run_name = run_name or f"{pipeline_name(package)} {datetime.now(UTC):%Y-%m-%d %H:%M:%S}"
     client = connect(conn)
     with kfp_errors(conn), _quiet():
         result = client.create_run_from_pipeline_package(
@@ -298,7 +296,7 @@ class Schedule:
     parameters: dict
 
     @classmethod
-    def from_api(cls, rr) -> "Schedule":
+    def from_api(cls, rr) -> Schedule:
         trig = rr.trigger
         cron = (trig.cron_schedule.cron if trig and trig.cron_schedule
                 else f"every {trig.periodic_schedule.interval_second}s" if trig and trig.periodic_schedule else "")

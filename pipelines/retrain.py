@@ -15,6 +15,10 @@ from kfp import compiler, dsl, kubernetes
 
 from cellpuzzles.components.data import puzzles, validate
 from cellpuzzles.components.learning import distill, evaluate, rl, sft
+from cellpuzzles.components.release import deploy, gate, record_status, register
+from cellpuzzles.core.options import defaults
+from cellpuzzles.data.options import PuzzleOptions
+from cellpuzzles.release.gate import GateOptions
 from cellpuzzles.release.placement import (
     GPU_ACCELERATOR,
     GPU_NODE_SELECTOR,
@@ -22,9 +26,16 @@ from cellpuzzles.release.placement import (
     MLFLOW_SECRET,
     TEACHER_SECRET,
 )
-from cellpuzzles.components.release import deploy, gate, record_status, register
+from cellpuzzles.release.registry import DEFAULT_NAME
+from cellpuzzles.steps.data import DataOptions
+from cellpuzzles.steps.learning import DistillStepOptions, SFTStepOptions
+from cellpuzzles.train.rl_common import RLOptions
+from cellpuzzles.train.sft import SFTOptions
 
 PIPELINE_YAML = Path(__file__).with_name("retrain.yaml")
+# parameter defaults come from the options dataclasses (one definition each; tests/ compare them)
+DATA, PUZZLES, DISTILL = defaults(DataOptions), defaults(PuzzleOptions), defaults(DistillStepOptions)
+SFT_STEP, SFT, RL, GATE = defaults(SFTStepOptions), defaults(SFTOptions), defaults(RLOptions), defaults(GateOptions)
 NAME = "cellpuzzles-retrain"
 
 
@@ -51,42 +62,38 @@ def uncached(task: dsl.PipelineTask) -> dsl.PipelineTask:
 @dsl.pipeline(name=NAME, description="Retrain, gate and deploy a CellPuzzles cell-type annotation model.")
 def retrain_pipeline(
     # data: source ("bundled" or an .h5ad path in the repository) and version (a git revision whose data.dvc to fetch)
-    data_source: str = "bundled",
-    data_version: str = "",
-    repo_dir: str = ".",
-    column_map: str = "",
-    top_k: int = 50,
+    data_source: str = DATA["source"],
+    data_version: str = DATA["version"],
+    repo_dir: str = DATA["repo_dir"],
+    column_map: str = DATA["column_map"],
+    top_k: int = DATA["top_k"],
     # puzzles
-    n_min: int = 3,
-    n_max: int = 15,
-    train_per_n: int = 1000,
-    test_per_n: int = 50,
-    split_by: str = "cells",
-    reasoning_fraction: float = 0.5,
-    seed: int = 0,
+    n_min: int = PUZZLES["n_min"],
+    n_max: int = PUZZLES["n_max"],
+    train_per_n: int = PUZZLES["train_per_n"],
+    test_per_n: int = PUZZLES["test_per_n"],
+    split_by: str = PUZZLES["split_by"],
+    reasoning_fraction: float = PUZZLES["reasoning_fraction"],
+    seed: int = PUZZLES["seed"],
     # distillation
-    teacher: str = "markers",
-    teacher_base_url: str = "",
-    teacher_model: str = "",
-    teacher_attempts: int = 1,
+    teacher: str = DISTILL["teacher"],
+    teacher_base_url: str = DISTILL["base_url"],
+    teacher_model: str = DISTILL["teacher_model"],
+    teacher_attempts: int = DISTILL["attempts"],
     # model and training
-    base_model: str = "tiny",
-    sft_steps: int = 900,  # batch 16: the scaffold's type slots are learned by ~600 steps (see README)
-    sft_learning_rate: float = 5e-3,
-    sft_batch_size: int = 16,
-    rl_algo: str = "grpo",
-    # 0 / 0 / < 0: the algorithm's tuned default (grpo 40 steps, lr 5e-4, beta 0.001;
-    # ppo 40, 1e-3, 0.01 with 32 prompts per step: cellpuzzles.train.rl_common.ALGO_DEFAULTS)
-    rl_steps: int = 0,
-    rl_learning_rate: float = 0.0,
-    rl_beta: float = -1.0,
-    eval_limit: int = 0,
+    base_model: str = SFT_STEP["model"],
+    sft_steps: int = SFT["max_steps"],
+    sft_learning_rate: float = SFT["learning_rate"],
+    sft_batch_size: int = SFT["batch_size"],
+    rl_algo: str = RL["algo"],
+    rl_options: dict = {},  # RLOptions fields to set, e.g. {"max_steps": 2}; the rest: the algorithm's defaults
+    eval_options: dict = {},  # {"limit": K}: decode only K test puzzles (default: all)
     # gate
-    model_name: str = "cellpuzzles",
-    min_batch_accuracy: float = 0.1,  # random scores 0.03 on the default data, the tiny default 0.23
-    min_format_ratio: float = 0.95,
-    tolerance: float = 0.02,
-    margin: float = 0.0,
+    model_name: str = DEFAULT_NAME,
+    min_batch_accuracy: float = GATE["min_batch_accuracy"],
+    min_format_ratio: float = GATE["min_format_ratio"],
+    tolerance: float = GATE["tolerance"],
+    gate_options: dict = {},  # other GateOptions fields, e.g. {"margin": 0.02}
     # tracking and serving
     mlflow_uri: str = "http://mlflow.cellpuzzles.svc.cluster.local:5000",
     kserve_namespace: str = "cellpuzzles",
@@ -116,18 +123,21 @@ def retrain_pipeline(
                                     learning_rate=sft_learning_rate, batch_size=sft_batch_size, seed=seed,
                                     mlflow_uri=mlflow_uri)))
         rt = on_gpu(with_mlflow(rl(puzzle_set=pz.outputs["puzzle_set"], sft_model=st.outputs["model"], algo=rl_algo,
-                                   steps=rl_steps, learning_rate=rl_learning_rate, beta=rl_beta, seed=seed,
-                                   mlflow_uri=mlflow_uri)))
+                                   options=rl_options, seed=seed, mlflow_uri=mlflow_uri)))
         ev = on_gpu(uncached(with_mlflow(evaluate(model=rt.outputs["model"], puzzle_set=pz.outputs["puzzle_set"],
-                                                  name=rl_algo, limit=eval_limit, seed=seed, mlflow_uri=mlflow_uri))))
+                                                  name=rl_algo, options=eval_options, seed=seed, mlflow_uri=mlflow_uri))))
+        # the SFT model on the same test puzzles: did RL improve on it? (the recipe's question)
+        es = on_gpu(uncached(with_mlflow(evaluate(model=st.outputs["model"], puzzle_set=pz.outputs["puzzle_set"],
+                                                  name="sft", options=eval_options, seed=seed, mlflow_uri=mlflow_uri))))
         rg = uncached(with_mlflow(register(
-            model=rt.outputs["model"], evaluation=ev.outputs["evaluation"], model_name=model_name, job_name=job,
+            model=rt.outputs["model"], evaluation=ev.outputs["evaluation"], sft_evaluation=es.outputs["evaluation"],
+            model_name=model_name, job_name=job,
             mlflow_uri=mlflow_uri, data_version=data.outputs["data_version"],
             validate_run=data.outputs["mlflow_run_id"], puzzles_run=pz.outputs["Output"], distill_run=ds.outputs["Output"],
             sft_run=st.outputs["Output"], rl_run=rt.outputs["Output"], evaluate_run=ev.outputs["Output"], base_model=base_model, rl_algo=rl_algo,
             seed=seed)))
         gt = uncached(with_mlflow(gate(model_name=model_name, version=rg.output, min_batch_accuracy=min_batch_accuracy,
-                                       min_format_ratio=min_format_ratio, tolerance=tolerance, margin=margin,
+                                       min_format_ratio=min_format_ratio, tolerance=tolerance, options=gate_options,
                                        mlflow_uri=mlflow_uri)))
         with dsl.If(gt.outputs["Output"] == "pass", name="gate-passed"):
             uncached(with_mlflow(deploy(model_name=model_name, version=rg.output, namespace=kserve_namespace,

@@ -65,7 +65,7 @@ class MicroBatcher:
                     break
                 try:
                     batch.append(await asyncio.wait_for(queue.get(), left))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             live = [(x, f) for x, f in batch if not f.cancelled()]
             if not live:
@@ -83,8 +83,3 @@ class MicroBatcher:
             for (_, f), r in zip(live, results):
                 if not f.done():
                     f.set_result(r)
-
-    def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -19,21 +19,31 @@ import asyncio
 import json
 import logging
 import os
-import sys
+import signal
 import threading
 import time
 import uuid
 from pathlib import Path
 
-from cellpuzzles.serving.batching import Job, MicroBatcher
-from cellpuzzles.serving.http import metrics
-from cellpuzzles.serving.options import ServeOptions
-from cellpuzzles.serving.protocol import MODEL_NAME, MODES, Instance, Limits, RequestError, parse_instance, parse_instances, prediction
-
 import kserve
 from kserve.errors import InferenceError as InferenceRequestError  # noqa: F401  (re-exported for the transformer)
 from kserve.errors import InvalidInput, ModelNotReady
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from cellpuzzles.core.errors import short_reason
+from cellpuzzles.serving.batching import Job, MicroBatcher
+from cellpuzzles.serving.http import metrics
+from cellpuzzles.serving.options import ServeOptions
+from cellpuzzles.serving.protocol import (
+    MODEL_NAME,
+    MODES,
+    Instance,
+    Limits,
+    RequestError,
+    parse_instance,
+    parse_instances,
+    prediction,
+)
 
 LOAD_DELAY_ENV = "CELLPUZZLES_SERVE_LOAD_DELAY_S"  # tests: hold the load to observe not-ready
 log = logging.getLogger("cellpuzzles.serving")
@@ -107,9 +117,11 @@ class CellPuzzlesModel(kserve.Model):
             self.ready = True
             log.info("model %s loaded from %s", MODEL_NAME, self.folder)
         except Exception as e:  # noqa: BLE001 - a server that cannot load must stop, with the reason
-            self.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"error: --model {self.folder}: {self.load_error}", file=sys.stderr, flush=True)
-            os._exit(2)
+            # the server stops the way SIGTERM stops it (uvicorn's graceful shutdown, KServe's
+            # handler); serve() then raises the reason, so the command exits 2 with that one line
+            self.load_error = short_reason(e)
+            log.error("--model %s: %s; stopping the server", self.folder, self.load_error)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def load(self) -> bool:  # KServe calls this for a not-ready model on inference
         if not self.ready:
@@ -134,17 +146,12 @@ class CellPuzzlesModel(kserve.Model):
 
     # -- KServe handlers
     async def preprocess(self, payload, headers=None):
-        try:
-            if isinstance(payload, InferRequest):
-                return {"v2": payload, "parsed": parse_v2_instances(payload, self.limits, self.opt.mode)}
-            if isinstance(payload, (bytes, str)):
-                try:
-                    payload = json.loads(payload)
-                except ValueError:
-                    raise RequestError("body: not valid JSON") from None
-            return {"v2": None, "parsed": parse_instances(payload, self.limits, self.opt.mode)}
-        except RequestError as e:
-            raise InvalidInput(str(e)) from None
+        if isinstance(payload, (bytes, str)):  # a JSON body sent with another content type
+            try:
+                payload = json.loads(payload)
+            except ValueError:
+                raise InvalidInput("body: not valid JSON") from None
+        return parse_request(payload, self.limits, self.opt.mode)
 
     async def predict(self, payload, headers=None, response_headers=None):
         return respond(await self.answer(payload["parsed"]), payload["v2"], self.name)
@@ -157,6 +164,18 @@ def respond(preds: list[dict], req: InferRequest | None, model_name: str):
     data = [json.dumps(p) for p in preds]
     return InferResponse(response_id=req.id or str(uuid.uuid4()), model_name=model_name,
                          infer_outputs=[InferOutput(name="predictions", shape=[len(data)], datatype="BYTES", data=data)])
+
+
+def parse_request(payload, limits: Limits, default_mode: str) -> dict:
+    """KServe's preprocess for the model server and the transformer: a V2 ``InferRequest``
+    or a V1 body -> ``{"v2": the V2 request or None, "parsed": [Instance, ...]}``; a bad
+    request is KServe's InvalidInput (HTTP 400) naming the field."""
+    try:
+        if isinstance(payload, InferRequest):
+            return {"v2": payload, "parsed": parse_v2_instances(payload, limits, default_mode)}
+        return {"v2": None, "parsed": parse_instances(payload, limits, default_mode)}
+    except RequestError as e:
+        raise InvalidInput(str(e)) from None
 
 
 def parse_v2_instances(req: InferRequest, limits: Limits, default_mode: str) -> list[Instance]:

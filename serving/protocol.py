@@ -152,30 +152,32 @@ def parse_instances(body, limits: Limits, default_mode: str) -> list[Instance]:
 
 
 @dataclass
-class Judgement:
+class CompletionCheck:
+    """Whether a completion is a valid answer to a puzzle, and if not, why."""
+
     labels: list[str] | None  # the labels as the model wrote them (None: no answer found)
     valid: bool
     reason: str | None
 
 
-def judge(puzzle: Puzzle, completion: str) -> Judgement:
+def check_completion(puzzle: Puzzle, completion: str) -> CompletionCheck:
     """Is the completion a valid one-to-one answer to the puzzle? (format rule, count,
     every candidate exactly once, case-insensitive like the reward). Never repairs it."""
     text = extract_answer(completion)
     labels = split_labels(text) if text is not None else None
     if labels is None:
-        return Judgement(None, False, "no answer found in the completion")
+        return CompletionCheck(None, False, "no answer found in the completion")
     if not is_well_formed(completion):
-        return Judgement(labels, False, "the completion breaks the <think>…</think>\\n<answer>…</answer> format")
+        return CompletionCheck(labels, False, "the completion breaks the <think>…</think>\\n<answer>…</answer> format")
     if len(labels) != puzzle.n:
-        return Judgement(labels, False, f"{len(labels)} labels for {puzzle.n} cells")
+        return CompletionCheck(labels, False, f"{len(labels)} labels for {puzzle.n} cells")
     canon = {c.lower(): c for c in puzzle.candidates}
     unknown = [x for x in labels if x.lower() not in canon]
     if unknown:
-        return Judgement(labels, False, f"labels not among the candidates: {', '.join(unknown[:3])}")
+        return CompletionCheck(labels, False, f"labels not among the candidates: {', '.join(unknown[:3])}")
     if len({x.lower() for x in labels}) != len(labels):
-        return Judgement(labels, False, "a candidate is used more than once")
-    return Judgement([canon[x.lower()] for x in labels], True, None)
+        return CompletionCheck(labels, False, "a candidate is used more than once")
+    return CompletionCheck([canon[x.lower()] for x in labels], True, None)
 
 
 def reasoning_of(completion: str) -> str:
@@ -186,15 +188,15 @@ def reasoning_of(completion: str) -> str:
 
 
 def prediction(inst: Instance, answer_text: str, mode: str, completion: str | None = None, **extra) -> dict:
-    """The response object for one instance. ``answer_text`` is the completion judged (in
+    """The response object for one instance. ``answer_text`` is the completion checked (in
     constrained mode the assigned one); ``completion`` the model's own raw text."""
     raw = answer_text if completion is None else completion
-    j = judge(inst.puzzle, answer_text)
+    check = check_completion(inst.puzzle, answer_text)
     out = {
-        "assignments": dict(zip(inst.cell_ids, j.labels)) if j.valid else None,
-        "answer": j.labels,
-        "valid": j.valid,
-        "reason": j.reason,
+        "assignments": dict(zip(inst.cell_ids, check.labels)) if check.valid else None,
+        "answer": check.labels,
+        "valid": check.valid,
+        "reason": check.reason,
         "reasoning": reasoning_of(raw),
         "completion": raw,
         "mode": mode,

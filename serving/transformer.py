@@ -4,7 +4,7 @@ talks to an OpenAI-compatible predictor (KServe's Hugging Face runtime on vLLM) 
 
 structured request (the schema of :mod:`cellpuzzles.serving.protocol`, V1 or V2)
   -> Puzzle -> the CellPuzzles chat messages (puzzle.messages(): SYSTEM_MSG + user_msg)
-  -> predictor completion -> parsed and validated (serving_schema.judge) -> response.
+  -> predictor completion -> parsed and validated (protocol.check_completion) -> response.
 
 free mode: the model's answer as written; not a valid one-to-one answer -> ``valid: false``
 and the reason.
@@ -31,14 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cellpuzzles.task.assign import assign
 from cellpuzzles.core.errors import CellPuzzlesError
-from cellpuzzles.task.puzzle import format_completion
-from cellpuzzles.serving.http import metrics
-from cellpuzzles.serving.model import InferenceRequestError, InferRequest, InvalidInput, kserve, parse_v2_instances, respond
-from cellpuzzles.serving.server import run_server
-from cellpuzzles.serving.protocol import MODEL_NAME, MODES, Instance, Limits, RequestError, judge, parse_instances, prediction
 from cellpuzzles.inference.folder import PromptOptions
+from cellpuzzles.serving.http import metrics
+from cellpuzzles.serving.model import InferenceRequestError, kserve, parse_request, respond
+from cellpuzzles.serving.protocol import MODEL_NAME, MODES, Instance, Limits, check_completion, prediction
+from cellpuzzles.serving.server import run_server
+from cellpuzzles.task.assign import assign_labels
+from cellpuzzles.task.puzzle import format_completion
 
 PREDICTOR_TOKEN_ENV = "CELLPUZZLES_PREDICTOR_TOKEN"
 
@@ -81,7 +81,7 @@ def repair(inst: Instance, labels: list[str] | None) -> list[str]:
         if j is not None:
             scores[i, j] = 0.5 if j in seen else 1.0
             seen.add(j)
-    return [cands[j] for j in assign(scores)]
+    return assign_labels(scores, cands)
 
 
 class CellPuzzlesTransformer(kserve.Model):
@@ -105,12 +105,7 @@ class CellPuzzlesTransformer(kserve.Model):
         return self._client
 
     async def preprocess(self, payload, headers=None):
-        try:
-            if isinstance(payload, InferRequest):
-                return {"v2": payload, "parsed": parse_v2_instances(payload, self.limits, self.opt.mode)}
-            return {"v2": None, "parsed": parse_instances(payload, self.limits, self.opt.mode)}
-        except RequestError as e:
-            raise InvalidInput(str(e)) from None
+        return parse_request(payload, self.limits, self.opt.mode)
 
     async def complete(self, inst: Instance) -> str:
         import httpx
@@ -131,14 +126,14 @@ class CellPuzzlesTransformer(kserve.Model):
     def answer_one(self, inst: Instance, completion: str) -> dict:
         if inst.mode == "free":
             return prediction(inst, completion, "free")
-        j = judge(inst.puzzle, completion)
-        if j.valid:
+        check = check_completion(inst.puzzle, completion)
+        if check.valid:
             return prediction(inst, completion, "constrained", repaired=False)
         from cellpuzzles.task.puzzle import think_part
 
-        fixed = format_completion(think_part(completion), repair(inst, j.labels))
+        fixed = format_completion(think_part(completion), repair(inst, check.labels))
         out = prediction(inst, fixed, "constrained", completion=completion, repaired=True)
-        out["reason"] = f"repaired: {j.reason}"
+        out["reason"] = f"repaired: {check.reason}"
         return out
 
     async def predict(self, payload, headers=None, response_headers=None):

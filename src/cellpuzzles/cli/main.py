@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cellpuzzles.core.errors import CellPuzzlesError, ValidationFailed
+from cellpuzzles.core.options import add_arguments, from_args, parse_key_value
 
 
 def _cells_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def _puzzle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-by", choices=["cells", "donor"], default=d.split_by, help="hold out cells (default) or whole donors")
     p.add_argument("--test-fraction", type=float, default=d.test_fraction, help=f"share of cells/donors held out (default {d.test_fraction})")
     p.add_argument("--reasoning-fraction", type=float, default=d.reasoning_fraction,
-                   help="share of train puzzles moved to a reasoning (SFT) split (default 0: none)")
+                   help=f"share of train puzzles moved to a reasoning (SFT) split (default {d.reasoning_fraction})")
     p.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -139,8 +140,8 @@ def cmd_evaluate(a) -> int:
 
     src = Path(a.puzzles)
     if a.model:
-        from cellpuzzles.inference.decode import DecodeOptions
         from cellpuzzles.evaluation.evaluate import evaluate_model
+        from cellpuzzles.inference.decode import DecodeOptions
 
         test = read_puzzles(src / "test.jsonl" if src.is_dir() else src)
         dec = DecodeOptions(do_sample=a.do_sample, temperature=a.temperature, max_new_tokens=a.max_new_tokens, seed=a.seed)
@@ -219,8 +220,8 @@ def cmd_distill(a) -> int:
 def cmd_sft(a) -> int:
     from cellpuzzles.distill.traces import read_traces
     from cellpuzzles.inference.folder import PromptOptions
-    from cellpuzzles.train.tiny import TinyConfig, build_tiny
     from cellpuzzles.train.sft import SFTOptions, sft
+    from cellpuzzles.train.tiny import TinyConfig, build_tiny
 
     pairs = read_traces(a.traces)
     model = a.model
@@ -228,8 +229,7 @@ def cmd_sft(a) -> int:
         model = str(Path(a.out).parent / f"{Path(a.out).name}-init")
         build_tiny([p for p, _ in pairs], [t for _, t in pairs], model, TinyConfig(seed=a.seed),
                    PromptOptions(genes_per_cell=a.genes_per_cell))
-    opt = SFTOptions(max_steps=a.steps, learning_rate=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                     use_lora=a.lora, deepspeed=a.deepspeed, seed=a.seed, resume=not a.restart)
+    opt = from_args(SFTOptions, a, resume=not a.restart)
     with _tracked("sft", a.out, {"model": a.model, "traces": a.traces, **vars(opt)}):
         from cellpuzzles.train.callbacks import MetricsLogger
 
@@ -245,10 +245,8 @@ def cmd_rl(a) -> int:
     from cellpuzzles.train.rl_common import RLOptions
 
     train = read_puzzles(a.puzzles)
-    val = read_puzzles(a.val) if a.val else train[-32:]
-    opt = RLOptions(algo=a.algo, max_steps=a.steps, learning_rate=a.lr, prompts_per_step=a.prompts_per_step,
-                    num_generations=a.num_generations, beta=a.beta, rollout=a.rollout, use_lora=a.lora,
-                    seed=a.seed, resume=not a.restart)
+    opt = from_args(RLOptions, a, resume=not a.restart)
+    val = read_puzzles(a.val) if a.val else train[-opt.val_size:]
     with _tracked(f"rl-{a.algo}", a.out, {"model": a.model, "puzzles": a.puzzles, **vars(opt)}):
         path = train_rl(train, val, a.model, a.out, opt, MetricsLogger(f"rl_{a.algo}"))
     print(f"wrote model folder {path}")
@@ -267,23 +265,16 @@ def cmd_synth(a) -> int:
 def cmd_run(a) -> int:
     from cellpuzzles.pipelines.local import RunOptions, run
 
-    params = dict(_parse_param(x) for x in a.param)
-    for flag, key in (("model", "base_model"), ("sft_steps", "sft_steps"), ("rl_steps", "rl_steps"),
-                      ("rl_algo", "rl_algo"), ("eval_limit", "eval_limit")):
+    params = dict(parse_key_value(x, "--param", "train_per_n=500", json_values=True) for x in a.param)
+    for flag, key in (("model", "base_model"), ("sft_steps", "sft_steps"), ("rl_algo", "rl_algo")):
         if getattr(a, flag) is not None:
             params[key] = getattr(a, flag)
+    if a.rl_steps is not None:
+        params["rl_options"] = {**params.get("rl_options", {}), "max_steps": a.rl_steps}
+    if a.eval_limit is not None:
+        params["eval_options"] = {**params.get("eval_options", {}), "limit": a.eval_limit}
     run(RunOptions(data=a.data, out=a.out, column_map=a.map, seed=a.seed, params=params, cache=not a.no_cache))
     return 0
-
-
-def _parse_param(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise CellPuzzlesError(f"--param {text!r}: expected KEY=VALUE, e.g. --param train_per_n=500")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
 
 
 # command modules that register their own subcommands (imports stay light: heavy ones inside functions)
@@ -291,6 +282,10 @@ EXTRA_COMMANDS = ("release", "serve", "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cellpuzzles.steps.learning import SFTStepOptions
+    from cellpuzzles.train.rl_common import RLOptions
+    from cellpuzzles.train.sft import SFTOptions
+
     ap = argparse.ArgumentParser(prog="cellpuzzles", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -315,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="run the data validation suite on an .h5ad; HTML data docs + JSON summary")
     p.add_argument("file")
-    p.add_argument("--out", default="validation", help="folder for data docs and validation.json")
+    p.add_argument("--out", default="runs/validation", help="folder for data docs and validation.json (default runs/validation)")
     _cells_args(p)
     p.set_defaults(fn=cmd_validate)
 
@@ -368,34 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traces", required=True)
     p.add_argument("--model", default="tiny", help="'tiny' (built from the traces) or a Hugging Face model folder")
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--steps", type=int, default=900)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="LoRA (default: on for HF models)")
-    p.add_argument("--deepspeed", default=None, help="zero2, zero3 or a DeepSpeed JSON (GPUs)")
-    p.add_argument("--genes-per-cell", type=int, default=6, help="genes shown per cell to a tiny model")
+    add_arguments(p, SFTOptions)
+    add_arguments(p, SFTStepOptions, only=("genes_per_cell",))
     p.add_argument("--restart", action="store_true", help="ignore checkpoints in OUT.ckpt")
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_sft)
 
     p = sub.add_parser("rl", help="reinforcement learning with the batch-level reward (PPO or GRPO)")
-    p.add_argument("--algo", choices=["grpo", "ppo"], default="grpo")
     p.add_argument("--puzzles", required=True, help="RL puzzles (train.jsonl)")
     p.add_argument("--val", default=None, help="validation puzzles for batch accuracy at eval steps")
     p.add_argument("--model", required=True, help="the SFT model folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=None, help="default: 40")
-    p.add_argument("--lr", type=float, default=None, help="default: grpo 5e-4, ppo 1e-3 (tuned on the tiny model)")
-    p.add_argument("--prompts-per-step", type=int, default=None, help="default: grpo 8 (x num-generations), ppo 32")
-    p.add_argument("--num-generations", type=int, default=4)
-    p.add_argument("--beta", type=float, default=None,
-                   help="KL coefficient to the reference policy; default: grpo 0.001, ppo 0.01")
-    p.add_argument("--rollout", choices=["auto", "hf", "vllm", "scaffold"], default="auto",
-                   help="auto (default): scaffold for a model trained on scaffold traces, else hf (the model's own generate)")
-    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--restart", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    add_arguments(p, RLOptions)
+    p.add_argument("--restart", action="store_true", help="ignore checkpoints in OUT.ckpt")
     p.set_defaults(fn=cmd_rl)
 
     p = sub.add_parser("synth", help="write a synthetic CELLxGENE-schema .h5ad (donors, context, markers, sparsity)")

@@ -15,7 +15,21 @@ from pathlib import Path
 from cellpuzzles.core.errors import CellPuzzlesError
 
 
+def cmd_report(a) -> int:
+    from cellpuzzles.pipelines.report import report
+
+    print(report(a.summary, a.write))
+    if a.write:
+        print(f"\nwrote the generated block of {a.write}")
+    return 0
+
+
 def add_commands(sub) -> None:
+    p = sub.add_parser("report", help="the results table (models, baselines, RL vs SFT, provenance) from a run's summary.json")
+    p.add_argument("summary", help="summary.json of a finished `cellpuzzles run`")
+    p.add_argument("--write", default=None, metavar="FILE.md", help="also replace the generated block of this file")
+    p.set_defaults(fn=cmd_report)
+
     p = sub.add_parser("pipeline", help="compile the retraining pipeline; submit or schedule it on Kubeflow Pipelines")
     psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="{compile,submit,schedule,schedules,unschedule}")
 

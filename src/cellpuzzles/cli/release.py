@@ -12,15 +12,9 @@ import sys
 
 
 def _tags(items: list[str]) -> dict[str, str]:
-    from cellpuzzles.core.errors import CellPuzzlesError
+    from cellpuzzles.core.options import parse_key_value
 
-    out = {}
-    for it in items:
-        k, sep, v = it.partition("=")
-        if not sep or not k:
-            raise CellPuzzlesError(f"--tag {it!r}: write KEY=VALUE")
-        out[k] = v
-    return out
+    return dict(parse_key_value(it, "--tag", "team=annotation") for it in items)
 
 
 def cmd_register(a) -> int:

@@ -79,12 +79,31 @@ def from_args(cls, ns: argparse.Namespace, **overrides):
     return cls(**kw)
 
 
-def parse_key_value(text: str, flag: str, example: str = "KEY=VALUE", json_values: bool = False) -> tuple[str, object]:
+def build(cls, values: dict, **fixed):
+    """An options object from a mapping that crossed a JSON/protobuf boundary (a pipeline's
+    dict parameter: every number arrives as a float): values are cast to the fields' types;
+    an unknown field is a one-line error naming it."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise CellPuzzlesError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    kw = {}
+    for key, value in {**values, **fixed}.items():
+        tp, _ = _base_type(hints[key])
+        if value is not None and tp is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        kw[key] = value
+    return cls(**kw)
+
+
+def parse_key_value(text: str, flag: str, example: str = "KEY=VALUE", json_values: bool = False,
+                    form: str = "KEY=VALUE") -> tuple[str, object]:
     """``KEY=VALUE`` from a repeatable flag; with ``json_values`` the value is read as JSON
     when it parses (numbers, booleans), else kept as text."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise CellPuzzlesError(f"{flag} {text!r}: expected KEY=VALUE, e.g. {flag} {example}")
+        raise CellPuzzlesError(f"{flag} {text!r}: expected {form}, e.g. {flag} {example}")
     key, value = key.strip(), value.strip()
     if json_values:
         try:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.errors import CellPuzzlesError, short_reason
 
 EXPERIMENT = "cellpuzzles"
 
@@ -80,8 +80,10 @@ def step_run(uri: str | None, step: str, params: dict | None = None, tags: dict 
 
 
 @contextlib.contextmanager
-def logged(where: str, keep: str | os.PathLike | None = None) -> Iterator[None]:
-    """Turn an MLflow failure into one clear line that says the results are kept on disk."""
+def logged(where: str) -> Iterator[None]:
+    """Turn an MLflow or transport failure (tracking, registry) into one CellPuzzlesError line
+    naming ``where`` (e.g. "the register step"). Our own errors, and errors that are not
+    MLflow's, pass through unchanged."""
     try:
         yield
     except CellPuzzlesError:
@@ -90,8 +92,23 @@ def logged(where: str, keep: str | os.PathLike | None = None) -> Iterator[None]:
         mod = type(e).__module__
         if not (mod.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")) or isinstance(e, ConnectionError)):
             raise  # not an MLflow failure: a real bug or a data/disk error must surface as itself
-        kept = f"; results are kept in {keep}" if keep else ""
-        raise CellPuzzlesError(f"MLflow logging failed during {where} ({type(e).__name__}: {str(e)[:120]}){kept}") from None
+        raise CellPuzzlesError(f"MLflow failed during {where} ({type(e).__name__}: {short_reason(e)})") from None
+
+
+@contextlib.contextmanager
+def environment_restored() -> Iterator[None]:
+    """Leave ``os.environ`` on exit as it was on entry. MLflow exports what it connects to
+    (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_ID``) for subprocesses; a connection made for
+    one call (the registry client) must not redirect later ones."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k not in saved]:
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:

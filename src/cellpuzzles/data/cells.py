@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from cellpuzzles.core import atomic
-from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.errors import CellPuzzlesError, short_reason
 from cellpuzzles.data.h5ad import H5ad
 from cellpuzzles.data.topk import TopK
 
@@ -72,7 +72,8 @@ class Cells:
         try:
             table = pq.read_table(path)
         except (OSError, pa.ArrowInvalid) as e:
-            raise CellPuzzlesError(f"{path}: not a readable Parquet cells table ({str(e)[:120]}); rebuild it with `cellpuzzles cells`") from None
+            raise CellPuzzlesError(f"{path}: not a readable Parquet cells table ({short_reason(e)}); "
+                                   "rebuild it with `cellpuzzles cells`") from None
         if "top_genes" not in table.column_names or "cell_type" not in table.column_names:
             raise CellPuzzlesError(f"{path}: not a cells table (needs cell_type and top_genes); rebuild it with `cellpuzzles cells`")
         meta = json.loads((table.schema.metadata or {}).get(b"cellpuzzles", b"{}"))

@@ -17,7 +17,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
-from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.errors import CellPuzzlesError, short_reason
+from cellpuzzles.core.options import parse_key_value
 
 REQUIRED = ("donor_id", "cell_type")
 CONTEXT = ("tissue", "disease", "sex", "development_stage", "self_reported_ethnicity")
@@ -30,9 +31,8 @@ def parse_column_map(items: Sequence[str] | None) -> dict[str, str]:
     """``["cell_type=bulk_labels", ...]`` -> ``{"cell_type": "bulk_labels"}``, checked."""
     out: dict[str, str] = {}
     for item in items or ():
-        key, sep, col = item.partition("=")
-        key, col = key.strip(), col.strip()
-        if not sep or not key or not col:
+        key, col = parse_key_value(item, "--map", "cell_type=bulk_labels", form="FIELD=COLUMN")
+        if not col:
             raise CellPuzzlesError(f"--map {item!r}: expected FIELD=COLUMN, e.g. --map cell_type=bulk_labels")
         if key not in CANONICAL:
             raise CellPuzzlesError(f"--map {item!r}: unknown field '{key}'; mappable fields: {', '.join(CANONICAL)}")
@@ -60,7 +60,8 @@ class H5ad:
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
-            raise CellPuzzlesError(f"{self.path}: not a readable HDF5/.h5ad file ({_short(e)}); pass an .h5ad written by anndata") from None
+            raise CellPuzzlesError(f"{self.path}: not a readable HDF5/.h5ad file ({short_reason(e)}); "
+                                   "pass an .h5ad written by anndata") from None
         try:
             self.obs_raw = read_elem(self._f["obs"])
             self.matrix = self._choose_matrix()
@@ -69,7 +70,8 @@ class H5ad:
             raise
         except (OSError, KeyError, ValueError, TypeError) as e:
             self.close()
-            raise CellPuzzlesError(f"{self.path}: unreadable or truncated .h5ad ({_short(e)}); re-export or re-download the file") from None
+            raise CellPuzzlesError(f"{self.path}: unreadable or truncated .h5ad ({short_reason(e)}); "
+                                   "re-export or re-download the file") from None
 
     # -- context manager --
     def __enter__(self) -> H5ad:
@@ -151,7 +153,7 @@ class H5ad:
                 yield start, sp.csr_matrix(reader(start, min(n, start + chunk_size)))
         except (OSError, KeyError, ValueError) as e:
             raise CellPuzzlesError(
-                f"{self.path}: matrix {self.matrix.source} is unreadable or truncated ({_short(e)}); re-export the file"
+                f"{self.path}: matrix {self.matrix.source} is unreadable or truncated ({short_reason(e)}); re-export the file"
             ) from None
 
 
@@ -165,7 +167,3 @@ def _as_str(s: pd.Series) -> pd.Series:
     """Strings, with real nulls kept as None (not the text 'nan')."""
     s = s.astype(object)
     return s.where(s.notna(), None).map(lambda v: v if v is None else str(v))
-
-
-def _short(e: BaseException) -> str:
-    return str(e).splitlines()[0][:160] if str(e) else type(e).__name__

@@ -14,11 +14,11 @@ class PuzzleOptions:
 
     n_min: int = 3
     n_max: int = 15
-    train_per_n: int = 500
+    train_per_n: int = 1000  # before the reasoning split is carved out
     test_per_n: int = 50
     split_by: str = "cells"  # "cells": held-out cells; "donor": held-out donors
     test_fraction: float = 0.25
-    reasoning_fraction: float = 0.0  # share of train puzzles moved to a reasoning (SFT) split
+    reasoning_fraction: float = 0.5  # share of train puzzles moved to a reasoning (SFT) split
     seed: int = 0
 
     def check(self) -> None:

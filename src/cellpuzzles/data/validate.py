@@ -45,7 +45,7 @@ def donor_table(obs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _suites() -> dict[str, list]:
-    import great_expectations.expectations as gxe  # slow import (~2 s): only when validating
+    import great_expectations.expectations as gxe  # slow import (measured: docs/data.md): only when validating
 
     cells = [gxe.ExpectColumnToExist(column=c) for c in ("cell_id", *REQUIRED, *CONTEXT)]
     cells += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in ("cell_id", *REQUIRED)]
@@ -116,7 +116,7 @@ def _describe(table: str, er) -> dict:
 
 def validate_cells(cells: Cells, out_dir: str | os.PathLike, gene_names=None) -> ValidationReport:
     """Run the suite; write HTML data docs and ``validation.json`` under ``out_dir``."""
-    import great_expectations as gx  # slow import (~2 s): only when validating
+    import great_expectations as gx  # slow import (measured: docs/data.md): only when validating
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,17 +8,16 @@ reward and the attempt that was kept.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cellpuzzles.core import atomic
 from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.records import read_jsonl, write_jsonl
+from cellpuzzles.distill.teachers.base import Reply, Teacher
 from cellpuzzles.task.puzzle import Puzzle, is_well_formed, puzzle_from_record
 from cellpuzzles.task.reward import batch_reward
-from cellpuzzles.distill.teachers.base import Reply, Teacher
 
 
 @dataclass
@@ -61,7 +60,7 @@ def distill(puzzles: Sequence[Puzzle], teacher: Teacher, opt: DistillOptions, ou
             f"the {teacher.name} teacher produced no acceptable trace for {len(puzzles)} puzzles "
             f"(threshold {opt.threshold}); check the teacher's answers or lower --threshold"
         )
-    atomic.write_jsonl(out, rows)
+    write_jsonl(out, rows)
     calls = [r for r in replies if not r.cached]
     return {
         "teacher": teacher.name,
@@ -84,13 +83,10 @@ def read_traces(path: str | os.PathLike) -> list[tuple[Puzzle, str]]:
     if not path.is_file():
         raise CellPuzzlesError(f"{path}: traces file not found; run `cellpuzzles distill` first")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, rec in read_jsonl(path):
         try:
-            rec = json.loads(line)
             out.append((puzzle_from_record(rec), rec["assistant_msg"]))
-        except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise CellPuzzlesError(f"{path}:{lineno}: not a valid trace record ({e}); fix or remove that line") from None
         if not is_well_formed(out[-1][1]):
             raise CellPuzzlesError(

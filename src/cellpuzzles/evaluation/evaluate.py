@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from cellpuzzles.core import atomic
 from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.records import read_jsonl, write_jsonl
 from cellpuzzles.task.puzzle import Puzzle, read_puzzles
 from cellpuzzles.task.reward import score
 from cellpuzzles.task.solvers import complete_all, make_solver
@@ -20,13 +20,7 @@ def read_predictions(path: str | os.PathLike) -> dict[str, str]:
     if not path.is_file():
         raise CellPuzzlesError(f"{path}: predictions file not found; check the path")
     preds: dict[str, str] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CellPuzzlesError(f"{path}:{lineno}: not a JSON object ({e.msg}); fix or remove that line") from None
+    for lineno, rec in read_jsonl(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("puzzle_id"), str) or not isinstance(rec.get("completion"), str):
             raise CellPuzzlesError(f"{path}:{lineno}: expected {{\"puzzle_id\": str, \"completion\": str}}")
         if rec["puzzle_id"] in preds:
@@ -53,7 +47,7 @@ def score_predictions(puzzles: Sequence[Puzzle], preds: dict[str, str], seed: in
 
 
 def write_predictions(path: str | os.PathLike, puzzles: Sequence[Puzzle], completions: Sequence[str]) -> None:
-    atomic.write_jsonl(path, ({"puzzle_id": p.puzzle_id, "completion": c} for p, c in zip(puzzles, completions)))
+    write_jsonl(path, ({"puzzle_id": p.puzzle_id, "completion": c} for p, c in zip(puzzles, completions)))
 
 
 def evaluate_solver(

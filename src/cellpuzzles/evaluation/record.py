@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cellpuzzles.core import atomic
 from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.records import write_jsonl
 from cellpuzzles.task.puzzle import Puzzle
 from cellpuzzles.task.reward import batch_reward
 
@@ -36,9 +37,9 @@ def write_evaluation(folder: str | os.PathLike, model: str, test: Sequence[Puzzl
     modes = {}
     for mode, comps in completions.items():
         rewards = {p.puzzle_id: batch_reward(c, p.answer_text) for p, c in zip(test, comps)}
-        atomic.write_jsonl(out / f"predictions_{mode}.jsonl",
-                           ({"puzzle_id": p.puzzle_id, "completion": c, "reward": rewards[p.puzzle_id]}
-                            for p, c in zip(test, comps)))
+        write_jsonl(out / f"predictions_{mode}.jsonl",
+                    ({"puzzle_id": p.puzzle_id, "completion": c, "reward": rewards[p.puzzle_id]}
+                     for p, c in zip(test, comps)))
         modes[mode] = {"metrics": {k: v for k, v in metrics[mode].items() if k != "by_n"},
                        "by_n": metrics[mode].get("by_n", {}), "rewards": rewards}
     record = {"version": VERSION, "model": model, "test_sha256": puzzles_sha256(test),

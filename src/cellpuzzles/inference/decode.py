@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cellpuzzles.task.assign import assign
 from cellpuzzles.inference.prompting import prompt_text
+from cellpuzzles.task.assign import assign_labels
 from cellpuzzles.task.puzzle import ANSWER_SEP, Puzzle, format_completion, think_part
 
 
@@ -237,4 +237,4 @@ def _greedy_slots(model, tok, puzzle: Puzzle, slot_prefix) -> tuple[list[str], n
         free = [j for j in np.argsort(-scores[i]) if puzzle.candidates[j] not in chosen]
         chosen.append(puzzle.candidates[free[0]])
         state.commit(free[0])  # the chosen candidate's tokens stay cached for the next slot
-    return [puzzle.candidates[j] for j in assign(scores)], scores
+    return assign_labels(scores, puzzle.candidates), scores

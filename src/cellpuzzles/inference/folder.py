@@ -12,10 +12,11 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.errors import CellPuzzlesError, short_reason
 from cellpuzzles.task.puzzle import Puzzle
 
 PROMPT_FILE = "cellpuzzles.json"
+TINY_MAX_PARAMETERS = 20_000_000  # below this a model counts as tiny (is_tiny)
 
 
 @dataclass
@@ -53,6 +54,11 @@ def save(model, tokenizer, out_dir: str | os.PathLike, prompt: PromptOptions) ->
     return out
 
 
+def is_tiny(model) -> bool:
+    """A model small enough to train in full (the tiny default); larger ones get LoRA by default."""
+    return model.num_parameters() < TINY_MAX_PARAMETERS
+
+
 def check_folder(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.is_dir():
@@ -78,7 +84,7 @@ def load_tokenizer(path: str | os.PathLike):
     try:
         tok = loader.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise CellPuzzlesError(f"--model {p}: tokenizer does not load ({str(e).splitlines()[0][:120]})") from None
+        raise CellPuzzlesError(f"--model {p}: tokenizer does not load ({short_reason(e)})") from None
     if not tok.chat_template:
         raise CellPuzzlesError(f"--model {p}: the tokenizer has no chat template; use an instruct/chat model or add one")
     if tok.pad_token is None:
@@ -102,7 +108,7 @@ def load_model(path: str | os.PathLike, dtype: str = "auto"):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise CellPuzzlesError(f"--model {path}: weights do not load ({str(e).splitlines()[0][:120]}); re-export the folder") from None
+        raise CellPuzzlesError(f"--model {path}: weights do not load ({short_reason(e)}); re-export the folder") from None
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok, load_prompt_options(path)

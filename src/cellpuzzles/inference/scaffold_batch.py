@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cellpuzzles.task.assign import assign
+from cellpuzzles.task.assign import assign_labels
 from cellpuzzles.task.puzzle import Puzzle, format_completion
 from cellpuzzles.task.scaffold import cell_line, think_lines
 
@@ -27,7 +27,7 @@ def batchable(tok, puzzles: Sequence[Puzzle]) -> bool:
 
 def fill_slots(model, tok, puzzles: Sequence[Puzzle], k: int, pick=None) -> list[dict]:
     """Write every puzzle's scaffold, slot i of all puzzles in one forward pass. At each slot
-    ``pick(r, i, scores, used)`` returns the index of the candidate written there (default:
+    ``pick(scores, used)`` returns the index of the candidate written there (default:
     the best one not used yet). Per puzzle: ``scores`` (cells x candidates log-likelihoods),
     ``chosen`` (candidate index per cell), ``ids`` (the completion's token ids so far: the
     think part without its closing tag) and ``mask`` (1 on the chosen type tokens)."""
@@ -75,7 +75,7 @@ def fill_slots(model, tok, puzzles: Sequence[Puzzle], k: int, pick=None) -> list
                 continue
             row = out_rows[r]
             row["scores"][i] = logp[r, cand_ids[r]]
-            j = int(pick(r, i, row["scores"][i], set(row["chosen"])))
+            j = int(pick(row["scores"][i], set(row["chosen"])))
             row["chosen"].append(j)
             row["ids"].append(cand_ids[r][j])
             row["mask"].append(1)
@@ -83,7 +83,7 @@ def fill_slots(model, tok, puzzles: Sequence[Puzzle], k: int, pick=None) -> list
     return out_rows
 
 
-def _best_unused(r: int, i: int, scores: np.ndarray, used: set) -> int:
+def _best_unused(scores: np.ndarray, used: set) -> int:
     return next(j for j in np.argsort(-scores) if j not in used)
 
 
@@ -91,6 +91,6 @@ def constrained_batch(model, tok, puzzles: Sequence[Puzzle], k: int) -> list[tup
     """(completion, cells x candidates score matrix) per puzzle, as ``decode.constrained``."""
     results = []
     for p, row in zip(puzzles, fill_slots(model, tok, puzzles, k)):
-        labels = [p.candidates[j] for j in assign(row["scores"])]
+        labels = assign_labels(row["scores"], p.candidates)
         results.append((format_completion(think_lines(p, k, labels), labels), row["scores"]))
     return results

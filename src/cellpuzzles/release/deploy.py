@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.errors import CellPuzzlesError, short_reason
 
 RUNTIME_NAME = "cellpuzzles-runtime"  # the ServingRuntime in infra/
 MODEL_FORMAT = "cellpuzzles"
@@ -122,8 +122,8 @@ def build_inference_service(service: str, storage_uri: str, *, namespace: str = 
     import kserve
     from kubernetes import client as k8s
 
-    from cellpuzzles.release.placement import GPU_NODE_SELECTOR, GPU_TOLERATION, SERVE_IMAGE
     from cellpuzzles.release.deploy_vllm import transformer_spec, vllm_predictor_model
+    from cellpuzzles.release.placement import GPU_NODE_SELECTOR, GPU_TOLERATION, SERVE_IMAGE
 
     gpus = (1 if runtime == "vllm" else 0) if gpus is None else gpus
     _check(service, runtime, gpus, min_replicas, max_replicas, canary_traffic_percent)
@@ -175,19 +175,20 @@ def kserve_client(kubeconfig: str | None = None):
     try:
         return KServeClient(config_file=kubeconfig)
     except (ConfigException, OSError) as e:
-        raise CellPuzzlesError(f"--apply: no Kubernetes cluster configured ({str(e)[:120]}); pass --kubeconfig FILE, "
+        raise CellPuzzlesError(f"--apply: no Kubernetes cluster configured ({short_reason(e)}); pass --kubeconfig FILE, "
                                "run in a pod with a service account, or drop --apply and use kubectl") from None
 
 
-def apply_and_wait(kc, isvc, timeout_s: float, poll_s: float = 10.0) -> bool:
-    """Create the InferenceService, or patch it if it exists; True once Ready for this generation."""
+def apply_and_wait(kc, manifest: dict, timeout_s: float, poll_s: float = 10.0) -> bool:
+    """Create the InferenceService ``manifest`` (as rendered and written), or merge-patch it
+    if it exists; True once Ready for this generation."""
     from kserve import constants
     from kubernetes.client.rest import ApiException
 
-    name, ns = isvc.metadata.name, isvc.metadata.namespace
+    name, ns = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+    where = (constants.KSERVE_GROUP, constants.KSERVE_V1BETA1_VERSION, ns, constants.KSERVE_PLURAL_INFERENCESERVICE)
     try:
-        kc.api_instance.get_namespaced_custom_object(constants.KSERVE_GROUP, constants.KSERVE_V1BETA1_VERSION, ns,
-                                                     constants.KSERVE_PLURAL_INFERENCESERVICE, name)
+        kc.api_instance.get_namespaced_custom_object(*where, name)
         exists = True
     except ApiException as e:
         if e.status != 404:
@@ -195,8 +196,11 @@ def apply_and_wait(kc, isvc, timeout_s: float, poll_s: float = 10.0) -> bool:
                                    "cluster access (RBAC on inferenceservices.serving.kserve.io)") from None
         exists = False
     try:
-        out = kc.patch(name, isvc, namespace=ns) if exists else kc.create(isvc, namespace=ns)
-    except RuntimeError as e:
+        if exists:
+            out = kc.api_instance.patch_namespaced_custom_object(*where, name, manifest)
+        else:
+            out = kc.api_instance.create_namespaced_custom_object(*where, manifest)
+    except ApiException as e:
         raise CellPuzzlesError(f"could not {'patch' if exists else 'create'} InferenceService {ns}/{name}: "
                                f"{str(e).strip().splitlines()[-1][:200]}") from None
     generation = (out.get("metadata") or {}).get("generation")
@@ -208,27 +212,25 @@ def apply_and_wait(kc, isvc, timeout_s: float, poll_s: float = 10.0) -> bool:
     return True
 
 
-def _render_version(c, o: DeployOptions, mv, storage_uri: str | None = None):
+def _render_version(o: DeployOptions, mv, storage_uri: str | None = None) -> tuple[str, dict]:
+    """(storageUri, manifest) of the InferenceService serving version ``mv``."""
     uri = storage_uri or storage_uri_for(mv.source, o.artifact_store)
-    isvc = build_inference_service(
+    manifest = render_inference_service(
         o.service, uri, namespace=o.namespace, runtime=o.runtime, gpus=o.gpus, cpu=o.cpu, memory=o.memory,
         min_replicas=o.min_replicas, max_replicas=o.max_replicas, canary_traffic_percent=o.canary_traffic_percent,
         service_account=o.service_account, labels={VERSION_LABEL: str(mv.version), "cellpuzzles.io/model": o.name})
-    return uri, isvc
+    return uri, manifest
 
 
 def deploy(options: DeployOptions) -> DeployResult:
     """Render the manifest for the chosen version (written atomically to ``options.out``); with
     ``apply``, create/patch it on the cluster, wait for Ready, and roll back to ``previous`` if not."""
-    from kubernetes.client import ApiClient
-
     from cellpuzzles.release.registry import PREVIOUS, alias_version, client, resolve_version
 
     o = options
     c = client(o.tracking_uri)
     mv = resolve_version(c, o.name, o.version, None if o.version else o.alias)
-    uri, isvc = _render_version(c, o, mv, o.storage_uri)
-    manifest = ApiClient().sanitize_for_serialization(isvc)
+    uri, manifest = _render_version(o, mv, o.storage_uri)
     out = write_manifest(manifest, o.out)
     result = DeployResult(version=str(mv.version), storage_uri=uri, manifest=manifest, out=out)
     if not o.apply:
@@ -236,7 +238,7 @@ def deploy(options: DeployOptions) -> DeployResult:
         return result
     kc = kserve_client(o.kubeconfig)
     result.applied = True
-    result.ready = apply_and_wait(kc, isvc, o.timeout_s, o.poll_s)
+    result.ready = apply_and_wait(kc, manifest, o.timeout_s, o.poll_s)
     if result.ready:
         result.message = f"InferenceService {o.namespace}/{o.service} serves '{o.name}' version {mv.version} ({uri})"
         return result
@@ -245,7 +247,7 @@ def deploy(options: DeployOptions) -> DeployResult:
     if not prev or prev == str(mv.version):
         raise CellPuzzlesError(f"{what}; no 'previous' version to roll back to; inspect it with "
                                f"`kubectl describe inferenceservice {o.service} -n {o.namespace}`")
-    _, back = _render_version(c, o, resolve_version(c, o.name, prev))
+    _, back = _render_version(o, resolve_version(c, o.name, prev))
     ok = apply_and_wait(kc, back, o.timeout_s, o.poll_s)
     state = "ready" if ok else f"NOT ready either within {o.timeout_s}s"
     print(f"rolled back {o.namespace}/{o.service} to version {prev} ({state})", file=sys.stderr)

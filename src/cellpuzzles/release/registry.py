@@ -11,16 +11,14 @@ SQLite store in the current folder.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.tracking import logged
 
 DEFAULT_NAME = "cellpuzzles"
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous"
@@ -29,31 +27,17 @@ REGISTERED_TAG = "cellpuzzles.registered"  # set last: a version without it was 
 
 
 def client(tracking_uri: str | None = None, work_dir: str | os.PathLike = "."):
-    """An MlflowClient on a store that answers (one clear line if the server is down)."""
+    """An MlflowClient on ``tracking_uri`` (default: the store for ``work_dir``, see
+    core.tracking) once it answers (one clear line if the server is down). The process
+    environment is left as it was."""
     from mlflow.tracking import MlflowClient
 
-    from cellpuzzles.core.tracking import connect
+    from cellpuzzles.core.tracking import connect, connect_uri, environment_restored
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr stays one line on errors
-    env = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
-    with mlflow_errors("connecting to MLflow"), mock.patch.dict(os.environ, env):
-        uri = connect(work_dir)
+    with logged("the connection to MLflow"), environment_restored():
+        uri = connect_uri(tracking_uri) if tracking_uri else connect(work_dir)
     return MlflowClient(uri)
-
-
-@contextlib.contextmanager
-def mlflow_errors(where: str) -> Iterator[None]:
-    """MLflow/transport failures as one line (exit 2); our own errors pass through."""
-    try:
-        yield
-    except CellPuzzlesError:
-        raise
-    except Exception as e:
-        mod = type(e).__module__
-        if not (mod.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")) or isinstance(e, ConnectionError)):
-            raise
-        msg = getattr(e, "message", None) or str(e)
-        raise CellPuzzlesError(f"MLflow failed while {where} ({type(e).__name__}: {msg.splitlines()[0][:200]})") from None
 
 
 def code_version() -> str:
@@ -110,7 +94,7 @@ def register(model_dir: str | os.PathLike, eval_dir: str | os.PathLike, name: st
     if config is None and (model_dir / PROMPT_FILE).is_file():
         config = {"prompt": json.loads((model_dir / PROMPT_FILE).read_text())}
     c = client(tracking_uri)
-    with mlflow_errors(f"registering {model_dir} as '{name}'"):
+    with logged(f"the registration of {model_dir} as '{name}'"):
         if run_id is None:
             from cellpuzzles.core.tracking import EXPERIMENT
 
@@ -155,7 +139,7 @@ def resolve_version(c, name: str, version: str | int | None = None, alias: str |
     """A ModelVersion by number or alias; one clear line when either is unknown."""
     from mlflow.exceptions import MlflowException
 
-    with mlflow_errors(f"looking up model '{name}'"):
+    with logged(f"the lookup of model '{name}'"):
         try:
             c.get_registered_model(name)
         except MlflowException:
@@ -191,7 +175,7 @@ def read_version_evaluation(c, mv) -> dict:
         raise CellPuzzlesError(f"model '{mv.name}' version {mv.version} has no run; register it with `cellpuzzles register`")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            with mlflow_errors(f"downloading the evaluation of version {mv.version}"):
+            with logged(f"the download of the evaluation of version {mv.version}"):
                 local = c.download_artifacts(mv.run_id, f"{EVAL_ARTIFACT}/{FILE}", tmp)
         except CellPuzzlesError:
             raise CellPuzzlesError(f"model '{mv.name}' version {mv.version}: its run {mv.run_id} has no "

@@ -2,33 +2,73 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import sys
+
 from cellpuzzles.core import atomic
 from cellpuzzles.core.errors import CellPuzzlesError
 
+PROGRESS_ENV = "CELLPUZZLES_PROGRESS_FILE"  # set by `cellpuzzles run`: where the steps' progress events go
+FAILURE_ENV = "CELLPUZZLES_FAILURE_FILE"  # set by `cellpuzzles run`: "step: reason" of a failed step
+log = logging.getLogger("cellpuzzles.progress")
+_step = {"name": ""}
 
-def progress(msg: str) -> None:
-    """A progress line (``cellpuzzles run`` shows these lines and logs everything else)."""
-    import time
 
-    print(f"[cellpuzzles {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+class ProgressFile(logging.Handler):
+    """Appends each progress record as one JSON line ({time, step, event, message}) to a file
+    that the local runner follows; steps run in separate processes, so each line is one append."""
+
+    def __init__(self, path: str):
+        super().__init__(logging.INFO)
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = json.dumps({"time": record.created, "step": getattr(record, "step", ""),
+                           "event": getattr(record, "event", "progress"), "message": record.getMessage()})
+        with open(self.path, "a") as fh:
+            fh.write(line + "\n")
+
+
+def _handlers() -> None:
+    if getattr(log, "_configured", False):
+        return
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    stream = logging.StreamHandler(sys.stdout)  # the task's own log
+    stream.setFormatter(logging.Formatter("[cellpuzzles %(asctime)s] %(message)s", "%H:%M:%S"))
+    log.addHandler(stream)
+    if os.environ.get(PROGRESS_ENV):
+        log.addHandler(ProgressFile(os.environ[PROGRESS_ENV]))
+    log._configured = True
+
+
+def progress(msg: str, event: str = "progress") -> None:
+    """A progress line of the current step, to the task log and (under `cellpuzzles run`) to the progress file."""
+    _handlers()
+    log.info(msg, extra={"step": _step["name"], "event": event})
 
 
 def run_step(name: str, fn, *args, **kwargs):
-    """Call a step; on a user-facing error print one line, append ``name: reason`` to the file
-    named by CELLPUZZLES_FAILURE_FILE (``cellpuzzles run`` reads it to say which step failed
-    and why) and exit with the error's code, so the pipeline task fails."""
-    import os
-    import sys
-
+    """Call a step, reporting its start and end as progress events; on a user-facing error print
+    one line, append ``name: reason`` to the file named by CELLPUZZLES_FAILURE_FILE (``cellpuzzles
+    run`` reads it to say which step failed and why) and exit with the error's code, so the
+    pipeline task fails."""
+    _step["name"] = name
+    progress("started", "start")
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except CellPuzzlesError as e:
         print(f"error: {name}: {e}", file=sys.stderr, flush=True)
-        target = os.environ.get("CELLPUZZLES_FAILURE_FILE")
+        progress(str(e), "failed")
+        target = os.environ.get(FAILURE_ENV)
         if target:
             with open(target, "a") as fh:
                 fh.write(f"{name}: {e}\n")
         raise SystemExit(e.exit_code) from None
+    progress("finished", "done")
+    return result
 
 
 def log_kfp_metrics(artifact, values: dict) -> None:

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cellpuzzles.core.errors import CellPuzzlesError
-from cellpuzzles.steps.common import progress
+from cellpuzzles.core.options import option
 from cellpuzzles.core.tracking import log_by_n, log_metrics, step_run
-
-VAL_SIZE = 32  # RL validation puzzles, held out from RL updates
+from cellpuzzles.steps.common import progress
+from cellpuzzles.train.sft import SFTOptions
 
 
 @dataclass
@@ -66,15 +66,9 @@ def distill_step(puzzles_dir: str | Path, out_dir: str | Path, opt: DistillStepO
 @dataclass
 class SFTStepOptions:
     model: str = "tiny"  # "tiny" (built from the traces) or a Hugging Face model folder
-    genes_per_cell: int | None = 6  # genes per cell shown to the tiny model
+    genes_per_cell: int | None = option(6, "genes per cell shown to a tiny model")
     seed: int = 0
-    sft: object = field(default_factory=lambda: _default_sft())
-
-
-def _default_sft():
-    from cellpuzzles.train.sft import SFTOptions
-
-    return SFTOptions(max_steps=900, learning_rate=5e-3, batch_size=16)
+    sft: SFTOptions = field(default_factory=SFTOptions)
 
 
 def sft_step(traces_file: str | Path, out_dir: str | Path, opt: SFTStepOptions, mlflow_uri: str = "") -> dict:
@@ -82,10 +76,10 @@ def sft_step(traces_file: str | Path, out_dir: str | Path, opt: SFTStepOptions, 
 
     from cellpuzzles.distill.traces import read_traces
     from cellpuzzles.evaluation.plots import curves
-    from cellpuzzles.train.callbacks import MetricsLogger
     from cellpuzzles.inference.folder import PromptOptions
-    from cellpuzzles.train.tiny import TinyConfig, build_tiny
+    from cellpuzzles.train.callbacks import MetricsLogger
     from cellpuzzles.train.sft import sft
+    from cellpuzzles.train.tiny import TinyConfig, build_tiny
 
     out = Path(out_dir)
     pairs = read_traces(traces_file)
@@ -115,7 +109,7 @@ def rl_step(puzzles_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
 
     out = Path(out_dir)
     rl_all = read_puzzles(Path(puzzles_dir) / "train.jsonl")
-    val, rl_set = rl_all[-VAL_SIZE:], rl_all[:-VAL_SIZE]
+    val, rl_set = rl_all[-opt.val_size:], rl_all[:-opt.val_size]  # validation held out from RL updates
     with step_run(mlflow_uri, f"rl-{opt.algo}", asdict(opt)) as run_id:
         progress(f"rl: {opt.algo}, {opt.max_steps} steps from the SFT model")
         log = MetricsLogger(f"rl_{opt.algo}")
@@ -129,7 +123,7 @@ def rl_step(puzzles_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
 
 
 def evaluate_step(model_dir: str | Path, puzzles_dir: str | Path, out_dir: str | Path, name: str = "model",
-                  limit: int = 0, seed: int = 0, mlflow_uri: str = "") -> dict:
+                  limit: int | None = None, seed: int = 0, mlflow_uri: str = "") -> dict:
     """Free and constrained decoding on the test split → the evaluation record (evaluation_record.py)."""
     import shutil
 
@@ -141,7 +135,7 @@ def evaluate_step(model_dir: str | Path, puzzles_dir: str | Path, out_dir: str |
     from cellpuzzles.task.reward import format_table
 
     pz, out = Path(puzzles_dir), Path(out_dir)
-    test = read_puzzles(pz / "test.jsonl")[: limit or None]
+    test = read_puzzles(pz / "test.jsonl")[:limit]
     with step_run(mlflow_uri, "evaluate", {"model": name, "limit": limit, "test_puzzles": len(test)}) as run_id:
         progress(f"evaluate {name}: free and constrained decoding on {len(test)} test puzzles")
         work = out.parent / (out.name + ".work")

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cellpuzzles.core import atomic
-from cellpuzzles.steps.common import progress
 from cellpuzzles.core.tracking import connect_uri, logged
+from cellpuzzles.steps.common import progress
 
 JOB_TAG = "kfp.job_name"
 
@@ -30,11 +30,19 @@ def pipeline_run_id(mlflow_uri: str, job_name: str, create: bool = True) -> str 
 
 
 def register_step(model_dir: str, eval_dir: str, model_name: str, job_name: str, mlflow_uri: str,
-                  step_runs: dict[str, str], config: dict, data_version: str) -> str:
-    """A new version of the registered model (alias ``challenger``), tagged with lineage."""
+                  step_runs: dict[str, str], config: dict, data_version: str, sft_eval_dir: str | None = None) -> str:
+    """A new version of the registered model (alias ``challenger``), tagged with lineage and, given
+    the SFT model's evaluation, the paired RL-vs-SFT difference (logged on the pipeline's run too)."""
     import mlflow
 
+    from cellpuzzles.evaluation.compare import paired_difference
+    from cellpuzzles.evaluation.record import read_evaluation
     from cellpuzzles.release.registry import register
+
+    rl_vs_sft = {}
+    if sft_eval_dir:
+        rl, sft = read_evaluation(eval_dir), read_evaluation(sft_eval_dir)
+        rl_vs_sft = {mode: paired_difference(rl, sft, mode) for mode in rl["modes"] if mode in sft["modes"]}
 
     with logged("the register step"):
         run_id = pipeline_run_id(mlflow_uri, job_name)
@@ -46,11 +54,19 @@ def register_step(model_dir: str, eval_dir: str, model_name: str, job_name: str,
                 # cache keeps the parent that made it (the tags above still link it)
                 if "mlflow.parentRunId" not in client.get_run(rid).data.tags:
                     client.set_tag(rid, "mlflow.parentRunId", run_id)
+        for mode, d in rl_vs_sft.items():
+            client.log_metric(run_id, f"rl_vs_sft/{mode}/batch_accuracy_diff", d["difference"])
+            client.log_metric(run_id, f"rl_vs_sft/{mode}/batch_accuracy_diff_lo", d["ci"][0])
+            client.log_metric(run_id, f"rl_vs_sft/{mode}/batch_accuracy_diff_hi", d["ci"][1])
+            progress(f"register: RL vs SFT ({mode}) {d['after']:.3f} vs {d['before']:.3f}, "
+                     f"paired difference {d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
         progress(f"register: {model_name} in the MLflow registry")
         version = register(model_dir, eval_dir, name=model_name, run_id=run_id,
                            tags={"data_version": data_version, "kfp.job_name": job_name,
                                  **{f"config.{k}": str(v) for k, v in config.items()},
-                                 **{f"step.{k}.run_id": v for k, v in step_runs.items() if v}})
+                                 **{f"step.{k}.run_id": v for k, v in step_runs.items() if v},
+                                 **{f"rl_vs_sft.{m}": f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
+                                    for m, d in rl_vs_sft.items()}})
     return str(version)
 
 

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cellpuzzles.core import atomic
 from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.records import read_jsonl, write_jsonl
 
 # Verbatim system message of every public CellPuzzles record (models trained on it expect it).
 SYSTEM_MSG = (
@@ -184,24 +184,15 @@ def read_puzzles(path: str | os.PathLike) -> list[Puzzle]:
     path = Path(path)
     if not path.is_file():
         raise CellPuzzlesError(f"{path}: puzzle file not found; run `cellpuzzles puzzles` first or check the path")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    if _first_char(path) == "[":
         try:
-            items = json.loads(text)
+            items = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise CellPuzzlesError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
-        numbered = list(enumerate(items, start=1))
+        numbered = enumerate(items, start=1)
         where = "item"
     else:
-        numbered = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise CellPuzzlesError(f"{path}:{lineno}: not a JSON object ({e.msg}); fix or remove that line") from None
+        numbered = read_jsonl(path)
         where = "line"
     puzzles = []
     for k, rec in numbered:
@@ -216,8 +207,17 @@ def read_puzzles(path: str | os.PathLike) -> list[Puzzle]:
     return puzzles
 
 
+def _first_char(path: Path) -> str:
+    """The file's first non-whitespace character ('' for a blank file)."""
+    with open(path, encoding="utf-8") as fh:
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return chunk.lstrip()[0]
+    return ""
+
+
 def write_puzzles(path: str | os.PathLike, puzzles: Iterable[Puzzle]) -> int:
-    return atomic.write_jsonl(path, (p.to_record() for p in puzzles))
+    return write_jsonl(path, (p.to_record() for p in puzzles))
 
 
 # ---- completions: the format rule and the answer extraction (Cell-o1 definitions) ----

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from cellpuzzles.task.assign import assign
+from cellpuzzles.task.assign import assign_labels
 from cellpuzzles.task.puzzle import Puzzle, format_completion
 
 
@@ -71,7 +71,7 @@ class MarkerSolver:
         return out
 
     def solve(self, puzzle: Puzzle) -> list[str]:
-        return [puzzle.candidates[j] for j in assign(self.scores(puzzle))]
+        return assign_labels(self.scores(puzzle), puzzle.candidates)
 
     def complete(self, puzzle: Puzzle) -> str:
         labels = self.solve(puzzle)

@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.inference.folder import is_tiny, load_model, save
 from cellpuzzles.task.puzzle import Puzzle
 from cellpuzzles.train.callbacks import MetricsLogger, ValidationAccuracy
-from cellpuzzles.inference.folder import load_model, save
+from cellpuzzles.train.checkpoints import latest_checkpoint
 from cellpuzzles.train.lora import lora
 from cellpuzzles.train.rl_common import (
     RLOptions,
@@ -20,7 +21,6 @@ from cellpuzzles.train.rl_common import (
     trainer_args,
 )
 from cellpuzzles.train.scaffold_rollout import scaffold_rollout
-from cellpuzzles.train.sft import _latest_checkpoint
 
 
 def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathLike, out: str | os.PathLike,
@@ -36,8 +36,7 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
             raise CellPuzzlesError("--rollout vllm needs the vllm package (the GPU training image has it); use --rollout hf") from None
     model, tok, prompt = load_model(model_path)
     rollout = resolve_rollout(opt.rollout, prompt)
-    is_tiny = model.num_parameters() < 20_000_000
-    use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora
+    use_lora = (not is_tiny(model)) if opt.use_lora is None else opt.use_lora
     if use_lora:
         model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r)
     ds = Dataset.from_list(rl_rows(train, prompt)).shuffle(seed=opt.seed)
@@ -71,6 +70,7 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
         callbacks=[logger, ValidationAccuracy(shown_val, tok, logger, every=opt.eval_steps,
                                               restated_genes=prompt.restated_genes)],
     )
-    trainer.train(resume_from_checkpoint=_latest_checkpoint(ckpt) if opt.resume else None)
+    start = latest_checkpoint(ckpt) if opt.resume else None
+    trainer.train(resume_from_checkpoint=str(start[0]) if start else None)
     final = trainer.model.merge_and_unload() if use_lora else trainer.model
     return save(final, tok, out, prompt)

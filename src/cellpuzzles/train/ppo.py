@@ -15,9 +15,10 @@ environment's: only the sampled types are actions, over the candidates still fre
 
 Advantages: GAE with gamma = lambda = 1 (verl's defaults, the framework of Cell-o1's PPO),
 so each decision's advantage is the batch reward (plus the later KL terms) minus the critic's
-value: one terminal reward after ~20 environment tokens per decision gives a freshly
-initialised critic's errors no place to bias it. TRL's default lambda 0.95 discounts the
-reward by 0.95**20 per cell across the scaffold and leans on the critic.
+value: with one terminal reward after many environment tokens per decision (measured:
+docs/training.md), a freshly initialised critic's errors get no place to bias it. TRL's
+default lambda 0.95 would discount the reward by 0.95 per scaffold token, cell after cell,
+and lean on the critic.
 
 Resume: TRL 1.12's ``PPOTrainer.train()`` takes no ``resume_from_checkpoint`` and its
 checkpoints (``save_steps``) hold the policy, optimizer, scheduler and trainer state but not
@@ -42,12 +43,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from cellpuzzles.inference.prompting import prompt_text
 from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.inference.folder import PromptOptions, is_tiny, load_model, save
+from cellpuzzles.inference.prompting import prompt_text
 from cellpuzzles.task.puzzle import Puzzle, is_well_formed
 from cellpuzzles.task.reward import batch_reward
 from cellpuzzles.train.callbacks import MetricsLogger, ValidationAccuracy
-from cellpuzzles.inference.folder import PromptOptions, load_model, save
+from cellpuzzles.train.checkpoints import latest_checkpoint
 from cellpuzzles.train.lora import lora
 from cellpuzzles.train.ppo_env_tokens import EnvTokens, ids_key
 from cellpuzzles.train.rl_common import RLOptions, completion_budget, resolve_rollout, trainer_args
@@ -210,23 +212,6 @@ class _StartAt(TrainerCallback):
         state.global_step, state.max_steps = self.step, self.total
 
 
-def resume_point(ckpt: Path) -> tuple[Path, int] | None:
-    """The newest checkpoint PPO can resume from (policy, optimizer and value model saved)."""
-    found = []
-    for p in ckpt.glob("checkpoint-*") if ckpt.is_dir() else []:
-        tail = p.name.split("-")[-1]
-        if tail.isdigit():
-            found.append((int(tail), p))
-    for step, p in sorted(found, reverse=True):
-        weights = [*p.glob("model*.safetensors"), *p.glob("adapter_model.*")]
-        if weights and (p / "optimizer.pt").is_file() and (p / "value" / "config.json").is_file():
-            return p, step
-    if found:
-        raise CellPuzzlesError(f"{ckpt}: no complete PPO checkpoint (policy, optimizer.pt and value/ in one "
-                               "checkpoint-N); delete the folder to start again")
-    return None
-
-
 class _PolicyValidation(ValidationAccuracy):
     """PPOTrainer hands callbacks its policy+value wrapper; validate the policy inside it."""
 
@@ -241,7 +226,7 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
               opt: RLOptions, logger: MetricsLogger | None = None) -> Path:
     """PPO from ``model_path`` on ``train`` with the batch reward; writes the model folder ``out``."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     if opt.rollout == "vllm":
@@ -257,10 +242,11 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
     model, tok, prompt = load_model(model_path)
     rollout = resolve_rollout(opt.rollout, prompt)
     dtype = model.dtype
-    is_tiny = model.num_parameters() < 20_000_000
-    use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora
+    use_lora = (not is_tiny(model)) if opt.use_lora is None else opt.use_lora
     ckpt = Path(f"{out}.ckpt")
-    start = resume_point(ckpt) if opt.resume else None
+    # the newest checkpoint holding the policy, the optimizer and the value model
+    start = latest_checkpoint(ckpt, ("optimizer.pt", "value/config.json"), skip_incomplete=True,
+                              what="PPO checkpoint") if opt.resume else None
     done = start[1] if start else 0
     if start:
         warnings.warn(f"PPO resumes from {start[0]} (step {done} of {opt.max_steps}): weights, optimizer and "
@@ -282,6 +268,7 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
         return save(final, tok, out, prompt)
     # the critic: the policy checkpoint with a fresh one-output score head, trained in full
     # (on resume: the value model saved in the checkpoint)
+    set_seed(opt.seed)  # the score head starts random: seeded, so a rerun gives the same weights
     value = AutoModelForSequenceClassification.from_pretrained(
         str(start[0] / "value" if start else model_path), num_labels=1, dtype=dtype, local_files_only=True)
     value.config.pad_token_id = tok.pad_token_id

@@ -4,10 +4,10 @@ A scaffold rollout (``scaffold_rollout.ScaffoldGenerate``) is mostly text the en
 writes: ``Cell i: <genes> -> `` before each choice, and the answer after. Only the sampled
 type tokens are the policy's decisions. GRPO gets that as ``env_mask``; TRL 1.12's
 PPOTrainer counts every completion token as an action, in the ratio, the policy gradient,
-the per-token KL and the entropy. Measured on the default: ~20 forced tokens per decision
-then dominate the update (the forced tokens' gradient noise fills the clipped gradient norm,
-and their summed KL, tens of nats, swamps the batch reward in the return), and the training
-reward fell while PPO trained.
+the per-token KL and the entropy. The forced tokens, many per decision, then dominate the
+update (their gradient noise fills the clipped gradient norm, and their summed KL swamps the
+batch reward in the return), and the training reward fell while PPO trained (measured:
+docs/training.md, docs/results.md).
 
 ``EnvTokens`` is a forward hook on the policy and the reference model. For the rows of the
 current rollout batch (registered by ``ScaffoldGenerate``, matched by their token ids) it
@@ -16,10 +16,10 @@ probability 1: its log-probability is 0 under the policy and the reference alike
 ratio is 1, its KL and entropy 0, and it carries no gradient. At each decision it keeps only
 the logits of the candidates still free (when they are given), so the policy PPO optimises
 is the one the rollout sampled from: a softmax over the free candidates. Without that, the
-k1 KL estimate on the sampled types went negative (tens of nats) as the policy moved mass to
-tokens it can never emit. The hidden states of every position (which the decisions attend
-to) are untouched. Any other forward (sampling, validation, evaluation) matches no
-registered row and passes through.
+k1 KL estimate on the sampled types went negative as the policy moved mass to tokens it can
+never emit (measured: docs/results.md). The hidden states of every position (which the
+decisions attend to) are untouched. Any other forward (sampling, validation, evaluation)
+matches no registered row and passes through.
 """
 
 from __future__ import annotations

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cellpuzzles.core.options import option
+from cellpuzzles.inference.folder import PromptOptions
 from cellpuzzles.task.puzzle import Puzzle, is_well_formed
 from cellpuzzles.task.reward import batch_reward
-from cellpuzzles.inference.folder import PromptOptions
-
 
 # Per-algorithm defaults for the fields left None, tuned on the tiny default with scaffold
-# rollouts (400 held-out puzzles, README "Quality today"). GRPO: lr 2e-4 gained less, 1e-3
-# was unstable. PPO (scaffold tokens as the environment's, train/ppo_env_tokens.py; GAE
-# lambda 1), seeds 0, 1, 2: lr 1e-3 gave 0.290, 0.350, 0.315 and lr 5e-4 0.323, 0.285,
-# 0.285 against SFT's 0.280, the training reward rising in each. Before the environment
-# tokens, lr 2e-4 gave 0.328, 0.242, 0.310 and PPO's training reward fell. beta weighs the
-# KL of the decisions alone. Cell-o1 used beta 0.001. A large model with LoRA may want a
-# lower rate.
+# rollouts (PPO: scaffold tokens as the environment's, train/ppo_env_tokens.py; GAE lambda 1)
+# over learning rates and seeds (measured: docs/results.md, docs/training.md). beta weighs
+# the KL of the decisions alone; Cell-o1 used beta 0.001. A large model with LoRA may want
+# a lower rate.
 ALGO_DEFAULTS = {
     "grpo": {"max_steps": 40, "learning_rate": 5e-4, "beta": 0.001, "prompts_per_step": 8},
     "ppo": {"max_steps": 40, "learning_rate": 1e-3, "beta": 0.01, "prompts_per_step": 32},
@@ -25,25 +22,28 @@ ALGO_DEFAULTS = {
 
 @dataclass
 class RLOptions:
-    algo: str = "grpo"  # "grpo" (TRL GRPOTrainer) or "ppo" (TRL experimental PPOTrainer)
-    max_steps: int | None = None  # None: ALGO_DEFAULTS[algo]
-    learning_rate: float | None = None  # None: ALGO_DEFAULTS[algo]
-    prompts_per_step: int | None = None  # None: ALGO_DEFAULTS[algo]
-    num_generations: int = 4  # GRPO group size (rollouts per prompt)
-    beta: float | None = None  # KL coefficient to the reference policy; None: ALGO_DEFAULTS[algo]
+    algo: str = option("grpo", "grpo (TRL GRPOTrainer) or ppo (TRL experimental PPOTrainer)", choices=("grpo", "ppo"))
+    max_steps: int | None = option(None, "RL steps (default: the algorithm's, ALGO_DEFAULTS)", flag="--steps")
+    learning_rate: float | None = option(None, "learning rate (default: the algorithm's, tuned on the tiny model)",
+                                         flag="--lr")
+    prompts_per_step: int | None = option(None, "prompts per step (default: grpo 8 x num-generations, ppo 32)")
+    num_generations: int = option(4, "GRPO group size (rollouts per prompt)")
+    beta: float | None = option(None, "KL coefficient to the reference policy (default: the algorithm's)")
     temperature: float = 1.0
     max_completion_length: int | None = None  # None: 64 + 32 per cell of the largest puzzle
-    val_size: int = 32
+    val_size: int = option(32, "validation puzzles held out from the RL puzzles when no --val is given")
     eval_steps: int = 10
     save_steps: int = 10
     resume: bool = True
     # "auto": "scaffold" for a model trained on scaffold traces, else "hf"; "hf": the model's
     # own generate; "vllm": TRL's vLLM integration; "scaffold": train/scaffold_rollout.py
-    rollout: str = "auto"
+    rollout: str = option("auto", "auto: scaffold for a model trained on scaffold traces, else hf (the model's generate)",
+                          choices=("auto", "hf", "vllm", "scaffold"))
     static_cache: bool = False  # compiled static KV cache for HF rollouts (pays off on GPUs)
-    use_lora: bool | None = None  # None: LoRA for Hugging Face models, full for tiny
+    use_lora: bool | None = option(None, "LoRA adapters (default: on for Hugging Face models, full for tiny)",
+                                   flag="--lora")
     lora_r: int = 16
-    seed: int = 0
+    seed: int = option(0, "random seed")
 
     def __post_init__(self):
         for key, value in ALGO_DEFAULTS.get(self.algo, {}).items():

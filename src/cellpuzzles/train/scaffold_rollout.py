@@ -14,7 +14,7 @@ hook does the same (``ppo_env_tokens.EnvTokens``, registered by ``ScaffoldGenera
 
 Why: the tiny model's free rollouts almost never end in a valid answer, so every rollout
 scores -1, the group advantage (GRPO) and the score signal (PPO) are zero and RL learns
-nothing (measured: reward -1.0 on every rollout of the default run, both algorithms).
+nothing (measured: docs/training.md, docs/results.md).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def sample_batch(model, tok, puzzles: list[Puzzle], k: int, temperature: float, 
     if not batchable(tok, puzzles):
         return [sample_completion(model, tok, p, k, temperature, rng) for p in puzzles]
 
-    def pick(r, i, scores, used):
+    def pick(scores, used):
         return _sample(scores, used, temperature, rng)
 
     out = []

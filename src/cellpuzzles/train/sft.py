@@ -13,9 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.options import option
+from cellpuzzles.inference.folder import PromptOptions, is_tiny, load_model, save
 from cellpuzzles.task.puzzle import Puzzle
 from cellpuzzles.task.scaffold import restated_genes
-from cellpuzzles.inference.folder import PromptOptions, load_model, save
+from cellpuzzles.train.checkpoints import latest_checkpoint
 from cellpuzzles.train.lora import lora
 
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
@@ -23,28 +25,30 @@ DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
 
 @dataclass
 class SFTOptions:
-    max_steps: int = 300
-    learning_rate: float = 3e-3
-    batch_size: int = 32
-    grad_accum: int = 1
+    # steps, rate and batch tuned for the tiny default (measured: docs/results.md)
+    max_steps: int = option(900, "optimizer steps", flag="--steps")
+    learning_rate: float = option(5e-3, "peak learning rate", flag="--lr")
+    batch_size: int = option(16, "sequences per step (per device)")
+    grad_accum: int = option(1, "gradient accumulation steps")
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
-    use_lora: bool | None = None  # None: LoRA for Hugging Face models, full for tiny
+    use_lora: bool | None = option(None, "LoRA adapters (default: on for Hugging Face models, full training for tiny)",
+                                   flag="--lora")
     lora_r: int = 16
     eval_fraction: float = 0.05
     eval_steps: int = 100
     save_steps: int = 100
     logging_steps: int = 10
-    group_by_length: bool = True  # batches of similar length: ~2x fewer padded tokens
+    group_by_length: bool = True  # batches of similar length: fewer padded tokens (measured: docs/training.md)
     packing: bool = False  # pack examples into max_length rows (padding-free; wants flash attention on GPUs)
     max_length: int | None = None  # truncate/pack to this many tokens
     use_liger: bool = False  # Liger fused kernels (rope, rms_norm, swiglu, fused linear cross-entropy)
     gradient_checkpointing: bool = False
     resume: bool = True  # continue from the newest checkpoint in the output folder
-    deepspeed: str | None = None  # "zero2", "zero3" or a JSON path
+    deepspeed: str | None = option(None, "DeepSpeed config on GPUs: zero2, zero3 or a JSON path")
     bf16: bool | None = None  # None: on when CUDA has bf16
-    seed: int = 0
+    seed: int = option(0, "random seed")
 
 
 def conversations(pairs: list[tuple[Puzzle, str]], prompt: PromptOptions) -> list[dict]:
@@ -77,8 +81,7 @@ def sft(pairs: list[tuple[Puzzle, str]], model_path: str | os.PathLike, out: str
     model, tok, prompt = load_model(model_path)
     # a model trained on scaffold traces is decoded with the scaffold (cellpuzzles.task.scaffold)
     prompt = replace(prompt, restated_genes=restated_genes([(prompt.apply(p), t) for p, t in pairs]))
-    is_tiny = model.num_parameters() < 20_000_000
-    use_lora = (not is_tiny) if opt.use_lora is None else opt.use_lora
+    use_lora = (not is_tiny(model)) if opt.use_lora is None else opt.use_lora
     if use_lora:
         model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r)
     rows = conversations(pairs, prompt)
@@ -120,24 +123,9 @@ def sft(pairs: list[tuple[Puzzle, str]], model_path: str | os.PathLike, out: str
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=split["train"], eval_dataset=split["test"],
                          processing_class=tok, callbacks=list(callbacks))
-    resume = _latest_checkpoint(ckpt) if opt.resume else None
-    trainer.train(resume_from_checkpoint=resume)
+    start = latest_checkpoint(ckpt) if opt.resume else None
+    trainer.train(resume_from_checkpoint=str(start[0]) if start else None)
     final = trainer.model
     if use_lora:
         final = final.merge_and_unload()
     return save(final, tok, out, prompt)
-
-
-def _latest_checkpoint(ckpt: Path) -> str | None:
-    """Newest complete checkpoint; a corrupt one is a clear error, not a silent restart."""
-    if not ckpt.is_dir():
-        return None
-    cands = sorted((p for p in ckpt.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    if not cands:
-        return None
-    last = cands[-1]
-    weights = [*last.glob("model*.safetensors"), *last.glob("adapter_model.*"), *last.glob("pytorch_model*.bin")]
-    if not (last / "trainer_state.json").is_file() or not weights:
-        raise CellPuzzlesError(f"{last}: checkpoint is incomplete or corrupt; delete it to resume from the previous one")
-    return str(last)

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cellpuzzles.distill.teachers.base import Reply
 from cellpuzzles.task.assign import assign
 from cellpuzzles.task.puzzle import Puzzle, format_completion
 from cellpuzzles.task.scaffold import cell_line
 from cellpuzzles.task.solvers import MarkerSolver
-from cellpuzzles.distill.teachers.base import Reply
 
 
 class MarkersTeacher:

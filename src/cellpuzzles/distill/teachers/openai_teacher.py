@@ -46,9 +46,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from cellpuzzles.core import atomic
-from cellpuzzles.core.errors import CellPuzzlesError
-from cellpuzzles.task.puzzle import Puzzle
+from cellpuzzles.core.errors import CellPuzzlesError, short_reason
 from cellpuzzles.distill.teachers.base import Reply
+from cellpuzzles.task.puzzle import Puzzle
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 DUMMY_KEY = "EMPTY"  # what vLLM and KServe accept when they run without auth
@@ -198,13 +198,13 @@ class OpenAITeacher:
             cause = e.__cause__ or e
             return _Outcome(error=f"connection error: {type(cause).__name__}: {cause}"[:300], fatal="connect")
         except (oa.AuthenticationError, oa.PermissionDeniedError) as e:
-            return _Outcome(error=f"HTTP {e.status_code}: {_short(e)}", fatal="auth")
+            return _Outcome(error=f"HTTP {e.status_code}: {short_reason(e)}", fatal="auth")
         except oa.NotFoundError as e:
-            return _Outcome(error=f"HTTP {e.status_code}: {_short(e)}", fatal="not_found")
+            return _Outcome(error=f"HTTP {e.status_code}: {short_reason(e)}", fatal="not_found")
         except oa.APIStatusError as e:
-            return _Outcome(error=f"HTTP {e.status_code}: {_short(e)}", reached=True)
+            return _Outcome(error=f"HTTP {e.status_code}: {short_reason(e)}", reached=True)
         except oa.OpenAIError as e:  # e.g. a response body the client could not validate
-            return _Outcome(error=f"{type(e).__name__}: {_short(e)}", reached=True)
+            return _Outcome(error=f"{type(e).__name__}: {short_reason(e)}", reached=True)
 
         choices = getattr(resp, "choices", None)
         if not choices:
@@ -310,8 +310,3 @@ class OpenAITeacher:
                     f"route ({last.error}); check base_url (it usually ends in /v1) and the model name")
         return (f"teacher endpoint {self.base_url} is unreachable (first {n} calls failed to connect: "
                 f"{last.error}); check base_url and that the server is running")
-
-
-def _short(e: Exception) -> str:
-    msg = getattr(e, "message", None) or str(e)
-    return " ".join(str(msg).split())[:200]
