@@ -89,7 +89,7 @@ class Server:
             except (urllib.error.HTTPError, OSError):
                 if self.proc.poll() is not None or time.time() > deadline:
                     self.stop()
-                    raise SystemExit(f"server did not start:\n{log.read_text()[-2000:]}")
+                    raise SystemExit(f"server did not start:\n{log.read_text()[-2000:]}") from None
                 time.sleep(0.3)
 
     def stop(self):

@@ -114,8 +114,8 @@ def main() -> None:
     fpt = 6 * n_params + attn
     print(f"shape {a.shape} ({n_params / 1e6:.0f}M params), batch {a.batch} x {seq}, device {dev}")
     print(f"baseline (plain loop, checkpointing): {base_tps:10.0f} tokens/s  MFU {base_tps * fpt / PEAK_FLOPS:.2f}")
-    print(f"project  (sft(): packing{' + Liger' if gpu else ''}): {proj_tps:10.0f} tokens/s  MFU {proj_tps * fpt / PEAK_FLOPS:.2f}"
-          "  (lower bound: includes setup)")
+    print(f"project  (sft(): packing{' + Liger' if gpu else ''}): {proj_tps:10.0f} tokens/s  "
+          f"MFU {proj_tps * fpt / PEAK_FLOPS:.2f}  (lower bound: includes setup)")
     print(f"ratio project/baseline: {proj_tps / base_tps:.2f}x  (target >= 1.5x)")
 
 

@@ -184,7 +184,8 @@ def main(argv=None) -> int:
             print(f"project cells/s:    {r['rate']:,.0f}  (best of {len(r['passes'])} passes over all cells: "
                   + ", ".join(f"{p:.3f}" for p in r["passes"]) + " s)")
             busy = r["cpu"] / r["seconds"]
-            note = " (fewer than the threads: other work is running on this machine)" if busy < 0.9 * numba.get_num_threads() else ""
+            note = (" (fewer than the threads: other work is running on this machine)"
+                    if busy < 0.9 * numba.get_num_threads() else "")
             print(f"project CPU time:   {r['cpu'] / r['cells'] * 1e6:.2f} us/cell over all threads; "
                   f"{busy:.2f} of {numba.get_num_threads()} cores busy on average{note}")
             print(f"reference cells/s:  {r['ref_rate']:,.0f}  (on {r['ref_rows']} random rows)")

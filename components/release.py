@@ -7,8 +7,8 @@ from cellpuzzles.release.placement import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE)
-def register(model: Input[Model], evaluation: Input[Artifact], sft_evaluation: Input[Artifact], model_name: str, job_name: str, mlflow_uri: str,
-             data_version: str, validate_run: str, puzzles_run: str, distill_run: str, sft_run: str, rl_run: str,
+def register(model: Input[Model], evaluation: Input[Artifact], sft_evaluation: Input[Artifact], model_name: str, job_name: str,
+             mlflow_uri: str, data_version: str, validate_run: str, puzzles_run: str, distill_run: str, sft_run: str, rl_run: str,
              evaluate_run: str, base_model: str, rl_algo: str, seed: int) -> str:
     """A new version of the registered model with alias 'challenger', tagged with metrics, lineage and
     the paired RL-vs-SFT difference on the same test puzzles."""

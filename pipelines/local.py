@@ -114,7 +114,8 @@ def pipeline_arguments(opt: RunOptions, mlflow_uri: str) -> dict:
     declared = retrain_pipeline.component_spec.inputs or {}
     args = {"data_source": opt.data or "bundled", "column_map": ",".join(opt.column_map), "seed": opt.seed,
             "repo_dir": os.getcwd(), "mlflow_uri": mlflow_uri, "kserve_apply": False,
-            "artifact_store": "" if mlflow_uri.startswith("sqlite:") else os.environ.get("CELLPUZZLES_ARTIFACT_STORE", ""), **opt.params}
+            "artifact_store": "" if mlflow_uri.startswith("sqlite:") else os.environ.get("CELLPUZZLES_ARTIFACT_STORE", ""),
+            **opt.params}
     unknown = sorted(set(args) - set(declared))
     if unknown:
         raise CellPuzzlesError(f"unknown pipeline parameter(s) {', '.join(unknown)}; "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from cellpuzzles.core.errors import CellPuzzlesError
+from cellpuzzles.core.errors import CellPuzzlesError, short_reason
 from cellpuzzles.core.options import parse_key_value
 
 HEALTHZ_TIMEOUT_S = 15
@@ -204,25 +204,24 @@ def kfp_errors(conn: Connection):
         raise CellPuzzlesError(f"KFP API at {conn.host} answered HTTP {e.status}: {detail}") from None
     except urllib3.exceptions.HTTPError as e:
         reason = getattr(e, "reason", None) or e
-        raise CellPuzzlesError(f"cannot reach the KFP API at {conn.host} ({_short(reason)}): check --host / KFP_HOST, "
+        raise CellPuzzlesError(f"cannot reach the KFP API at {conn.host} ({_reason(reason)}): check --host / KFP_HOST, "
                                f"or port-forward: {PORT_FORWARD_HINT}") from None
     except ValueError as e:  # kfp.Client's own checks (e.g. two experiments with one name)
-        raise CellPuzzlesError(f"KFP at {conn.host}: {_short(e)}") from None
+        raise CellPuzzlesError(f"KFP at {conn.host}: {_reason(e)}") from None
 
 
-def _short(e) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    text = re.sub(r"<urllib3\.[^>]*>: ", "", text)
-    return text[:200]
+def _reason(e) -> str:
+    """short_reason without urllib3's connection-object prefix."""
+    return short_reason(Exception(re.sub(r"<urllib3\.[^>]*>: ", "", str(e))))
 
 
 def _api_message(e) -> str:
     body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else (e.body or "")
     try:
         data = json.loads(body)
-        return _short(data.get("message") or data.get("error") or e.reason)
+        return _reason(data.get("message") or data.get("error") or e.reason)
     except (ValueError, AttributeError):
-        return _short(body or e.reason or "no detail")
+        return _reason(body or e.reason or "no detail")
 
 
 def connect(conn: Connection):

@@ -106,7 +106,8 @@ def retrain_pipeline(
     canary_percent: int = 0,
 ):
     job = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-    final = uncached(with_mlflow(record_status(job_name=job, mlflow_uri=mlflow_uri)))  # the job name is a placeholder: a cache key would not see it
+    # the job name is a placeholder: a cache key would not see it
+    final = uncached(with_mlflow(record_status(job_name=job, mlflow_uri=mlflow_uri)))
     with dsl.ExitHandler(final, name="retrain"):
         data = with_mlflow(validate(data_source=data_source, data_version=data_version, repo_dir=repo_dir,
                                     column_map=column_map, top_k=top_k, mlflow_uri=mlflow_uri))
@@ -134,15 +135,15 @@ def retrain_pipeline(
             model_name=model_name, job_name=job,
             mlflow_uri=mlflow_uri, data_version=data.outputs["data_version"],
             validate_run=data.outputs["mlflow_run_id"], puzzles_run=pz.outputs["Output"], distill_run=ds.outputs["Output"],
-            sft_run=st.outputs["Output"], rl_run=rt.outputs["Output"], evaluate_run=ev.outputs["Output"], base_model=base_model, rl_algo=rl_algo,
-            seed=seed)))
+            sft_run=st.outputs["Output"], rl_run=rt.outputs["Output"], evaluate_run=ev.outputs["Output"], base_model=base_model,
+            rl_algo=rl_algo, seed=seed)))
         gt = uncached(with_mlflow(gate(model_name=model_name, version=rg.output, min_batch_accuracy=min_batch_accuracy,
                                        min_format_ratio=min_format_ratio, tolerance=tolerance, options=gate_options,
                                        mlflow_uri=mlflow_uri)))
         with dsl.If(gt.outputs["Output"] == "pass", name="gate-passed"):
             uncached(with_mlflow(deploy(model_name=model_name, version=rg.output, namespace=kserve_namespace,
-                                        storage_uri=storage_uri, artifact_store=artifact_store, apply=kserve_apply, gpus=serve_gpus,
-                                        min_replicas=min_replicas, max_replicas=max_replicas,
+                                        storage_uri=storage_uri, artifact_store=artifact_store, apply=kserve_apply,
+                                        gpus=serve_gpus, min_replicas=min_replicas, max_replicas=max_replicas,
                                         canary_percent=canary_percent, mlflow_uri=mlflow_uri)))
 
 

@@ -16,7 +16,7 @@ def make_adata(n_per_type: int = 8, donors=("d1", "d2"), n_genes: int = 60, seed
     rows, obs = [], []
     for d in donors:
         for ti, t in enumerate(types):
-            for k in range(n_per_type):
+            for _k in range(n_per_type):
                 lam = np.full(n_genes, 0.3)
                 lam[(10 * ti) % n_genes:(10 * ti) % n_genes + 10] = 6.0
                 rows.append(rng.poisson(lam))

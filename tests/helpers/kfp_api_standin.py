@@ -22,8 +22,9 @@ does not have 6 fields or a descriptor (the server parses it with ``robfig/cron`
 
 ``token``: when set, every request must carry ``Authorization: Bearer <token>`` or gets
 401; with ``login_page=True`` it gets what an auth proxy in front of the Kubeflow
-dashboard sends instead: a 302 to ``/dex/auth`` that answers an HTML login page. Every request is recorded in ``requests`` (method, path, query, headers, body) so
-tests can assert on what the client actually sent.
+dashboard sends instead: a 302 to ``/dex/auth`` that answers an HTML login page. Every
+request is recorded in ``requests`` (method, path, query, headers, body) so tests can
+assert on what the client actually sent.
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ def test_apply_creates_patches_waits_and_rolls_back(two_versions, tmp_path):
 
         champion = deploy(DeployOptions(version="2", out=str(tmp_path / "probe.yaml"), **{**opts, "apply": False}))
         kube.broken.add(champion.storage_uri)  # version 2's pods never become ready
-        with pytest.raises(CellPuzzlesError, match="version 2 was not ready within 1s; rolled back to the previous version 1 \\(ready\\)"):
+        with pytest.raises(CellPuzzlesError,
+                           match="version 2 was not ready within 1s; rolled back to the previous version 1 \\(ready\\)"):
             deploy(DeployOptions(out=str(tmp_path / "v2.yaml"), **opts))
         patches = [(p, ct) for m, p, ct in kube.requests if m == "PATCH"]
         assert len(patches) == 2 and all(ct == "application/merge-patch+json" for _, ct in patches)

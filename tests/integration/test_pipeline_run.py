@@ -20,7 +20,8 @@ from helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow  # real pipeline runs with kfp.local (minutes)
 SMALL = ["--sft-steps", "6", "--rl-steps", "1", "--eval-limit", "6", "--param", "train_per_n=40",
-         "--param", "test_per_n=6", "--param", "n_max=5", "--param", "min_batch_accuracy=0.0"]  # 6 puzzles: any accuracy passes the floor
+         "--param", "test_per_n=6", "--param", "n_max=5",
+         "--param", "min_batch_accuracy=0.0"]  # 6 puzzles: any accuracy passes the floor
 STEPS = ["validate", "puzzles", "distill", "sft", "rl"]
 
 

@@ -33,7 +33,8 @@ def test_register_stores_model_evaluation_tags_alias_and_is_idempotent(mlflow_se
     mv = c.get_model_version(name, v)
     assert v == "1" and mv.source.endswith("/model") and mv.source.startswith("mlflow-artifacts:/")
     files = {a.path for a in c.list_artifacts(mv.run_id, "model")} | {a.path for a in c.list_artifacts(mv.run_id, "evaluation")}
-    assert {"model/config.json", "model/tokenizer.json", "evaluation/evaluation.json", "evaluation/predictions_constrained.jsonl"} <= files
+    assert {"model/config.json", "model/tokenizer.json", "evaluation/evaluation.json",
+            "evaluation/predictions_constrained.jsonl"} <= files
     assert float(mv.tags["metric.constrained.batch_accuracy"]) == 0.5
     assert float(mv.tags["metric.free.format_ratio"]) == 1.0
     assert json.loads(mv.tags["metric.constrained.batch_accuracy_ci"])[0] < 0.5

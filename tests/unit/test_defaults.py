@@ -56,7 +56,8 @@ def test_cli_flags_default_to_the_options_dataclass(argv):
     want = defaults(cls)
     for dest, field in dests.items():
         assert dest in ns, f"cellpuzzles {argv[0]} has no flag for {cls.__name__}.{field}"
-        assert ns[dest] == want[field], f"cellpuzzles {argv[0]}: {dest} defaults to {ns[dest]!r}, {cls.__name__}.{field} to {want[field]!r}"
+        assert ns[dest] == want[field], \
+            f"cellpuzzles {argv[0]}: {dest} defaults to {ns[dest]!r}, {cls.__name__}.{field} to {want[field]!r}"
 
 
 @pytest.mark.parametrize("param", list(PIPE))

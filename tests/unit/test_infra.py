@@ -32,7 +32,7 @@ from cellpuzzles.release import placement
 from helpers.kserve_models import from_dict, to_dict
 from helpers.paths import DOCKERFILES, INFRA, ROOT
 
-MANIFESTS = sorted((INFRA / "k8s").glob("*.yaml"))
+MANIFESTS = sorted((INFRA / "k8s").glob("*.yaml")) + [ROOT / "serving" / "serving-runtime.yaml"]  # serving/ keeps its runtime
 TERRAFORM = INFRA / "terraform" / "gke-gpu-nodepool"
 
 K8S_VERSION = "1.33.0"  # the cluster version the manifests are written for (GKE regular channel)
@@ -67,7 +67,7 @@ def _plain(doc: dict) -> dict:
 
 def _one(kind: str, name: str) -> dict:
     found = [d for d in DOCS if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind}/{name} in infra/k8s, found {len(found)}"
+    assert len(found) == 1, f"expected one {kind}/{name} in infra/k8s or serving/, found {len(found)}"
     return found[0]
 
 

@@ -78,7 +78,7 @@ class FlakyTeacher:
 
     def complete_many(self, items):
         out = self.inner.complete_many(items)
-        for r, (p, a) in zip(out, items):
+        for r, (_p, a) in zip(out, items):
             if a == 0:
                 labels = split_labels(extract_answer(r.text))
                 r.text = r.text.split("<answer>")[0] + "<answer>" + " | ".join(labels[::-1]) + "</answer>"

@@ -119,7 +119,7 @@ def test_env_tokens_make_the_scaffold_the_environments(tiny, tmp_path):
         slots = [j for j in range(1, len(row)) if row[j] in cand and tok.decode(row[:j]).endswith("-> ")]
         assert len(slots) == p.n  # one sampled type per cell
         decided[b, slots] = True
-        for i, j in enumerate(slots):
+        for j in slots:
             free[b, j, [c for c in cand if c not in row[slots[0]:j]]] = True
     forced = (resp != pad) & ~decided
     assert forced.sum() > 5 * decided.sum()  # the scaffold is most of the completion

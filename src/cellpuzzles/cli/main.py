@@ -33,11 +33,13 @@ def _puzzle_args(p: argparse.ArgumentParser) -> None:
 
     d = PuzzleOptions()
     p.add_argument("--n-min", type=int, default=d.n_min, help=f"smallest puzzle size N (default {d.n_min})")
-    p.add_argument("--n-max", type=int, default=d.n_max, help=f"largest puzzle size N (default {d.n_max}; sizes above the data's type count are skipped)")
+    p.add_argument("--n-max", type=int, default=d.n_max,
+                   help=f"largest puzzle size N (default {d.n_max}; sizes above the data's type count are skipped)")
     p.add_argument("--train-per-n", type=int, default=d.train_per_n, help=f"train puzzles per N (default {d.train_per_n})")
     p.add_argument("--test-per-n", type=int, default=d.test_per_n, help=f"test puzzles per N (default {d.test_per_n})")
     p.add_argument("--split-by", choices=["cells", "donor"], default=d.split_by, help="hold out cells (default) or whole donors")
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction, help=f"share of cells/donors held out (default {d.test_fraction})")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                   help=f"share of cells/donors held out (default {d.test_fraction})")
     p.add_argument("--reasoning-fraction", type=float, default=d.reasoning_fraction,
                    help=f"share of train puzzles moved to a reasoning (SFT) split (default {d.reasoning_fraction})")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -213,7 +215,8 @@ def cmd_distill(a) -> int:
     train = read_puzzles(a.train) if a.train else []
     stats = distill(puzzles, _teacher(a, train), DistillOptions(attempts=a.attempts, threshold=a.threshold), a.out)
     print(f"kept {stats['accepted']}/{stats['puzzles']} traces (acceptance {stats['acceptance_rate']:.3f}; "
-          f"{stats['calls']} calls, {stats['cached']} cached, {stats['prompt_tokens'] + stats['completion_tokens']} tokens) -> {a.out}")
+          f"{stats['calls']} calls, {stats['cached']} cached, "
+          f"{stats['prompt_tokens'] + stats['completion_tokens']} tokens) -> {a.out}")
     return 0
 
 

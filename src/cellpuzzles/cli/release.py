@@ -90,10 +90,12 @@ def add_commands(sub) -> None:
     common(p)
     p.add_argument("--version", default=None, help="version number (default: the --alias)")
     p.add_argument("--alias", default="challenger", help="alias to gate when no --version (default challenger)")
-    p.add_argument("--min-batch-accuracy", type=float, default=d.min_batch_accuracy, help=f"floor (default {d.min_batch_accuracy})")
+    p.add_argument("--min-batch-accuracy", type=float, default=d.min_batch_accuracy,
+                   help=f"floor (default {d.min_batch_accuracy})")
     p.add_argument("--min-format-ratio", type=float, default=d.min_format_ratio, help=f"floor (default {d.min_format_ratio})")
     p.add_argument("--mode", choices=["constrained", "free"], default=d.mode, help="served decoding mode whose metrics count")
-    p.add_argument("--tolerance", type=float, default=d.tolerance, help=f"largest allowed drop vs champion (default {d.tolerance})")
+    p.add_argument("--tolerance", type=float, default=d.tolerance,
+                   help=f"largest allowed drop vs champion (default {d.tolerance})")
     p.add_argument("--margin", type=float, default=d.margin, help="require a gain of at least this instead (lower CI bound)")
     p.add_argument("--n-boot", type=int, default=d.n_boot)
     p.add_argument("--confidence", type=float, default=d.confidence)
@@ -108,7 +110,8 @@ def add_commands(sub) -> None:
     p.add_argument("--runtime", choices=["cellpuzzles", "vllm"], default="cellpuzzles",
                    help="cellpuzzles: the project's predictor; vllm: KServe HF runtime on vLLM + the project's transformer")
     p.add_argument("--service", default="cellpuzzles", help="InferenceService name")
-    p.add_argument("--namespace", default="cellpuzzles", help="namespace with the cellpuzzles-runtime ServingRuntime (default cellpuzzles)")
+    p.add_argument("--namespace", default="cellpuzzles",
+                   help="namespace with the cellpuzzles-runtime ServingRuntime (default cellpuzzles)")
     p.add_argument("--storage-uri", default=None, help="model location KServe fetches (overrides the version's source)")
     p.add_argument("--artifact-store", default=None, metavar="URI",
                    help="s3://|gs:// location of the MLflow server's --artifacts-destination (env CELLPUZZLES_ARTIFACT_STORE)")
@@ -117,10 +120,12 @@ def add_commands(sub) -> None:
     p.add_argument("--memory", default="8Gi")
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=1)
-    p.add_argument("--canary-traffic-percent", type=int, default=None, help="send this share to the new revision (Serverless mode)")
+    p.add_argument("--canary-traffic-percent", type=int, default=None,
+                   help="send this share to the new revision (Serverless mode)")
     p.add_argument("--service-account", default=None)
     p.add_argument("--out", default="inferenceservice.yaml")
-    p.add_argument("--apply", action="store_true", help="apply on the configured cluster, wait, roll back to 'previous' if not ready")
+    p.add_argument("--apply", action="store_true",
+                   help="apply on the configured cluster, wait, roll back to 'previous' if not ready")
     p.add_argument("--kubeconfig", default=None)
     p.add_argument("--timeout", type=int, default=600, help="seconds to wait for Ready (default 600)")
     p.set_defaults(fn=cmd_deploy)

@@ -44,6 +44,7 @@ def add_commands(sub) -> None:
     p.add_argument("--predictor-model", default="cellpuzzles", help="model name at the predictor (default cellpuzzles)")
     p.add_argument("--genes-per-cell", type=int, default=50,
                    help="genes kept per cell from raw expression and ranked lists (default 50)")
-    p.add_argument("--predictor-timeout", dest="timeout", type=float, default=300.0, help="seconds to wait for the predictor per request")
+    p.add_argument("--predictor-timeout", dest="timeout", type=float, default=300.0,
+                   help="seconds to wait for the predictor per request")
     _common(p)
     p.set_defaults(fn=cmd_serve_transformer)

@@ -38,7 +38,8 @@ def score_predictions(puzzles: Sequence[Puzzle], preds: dict[str, str], seed: in
     unknown = [k for k in preds if k not in ids]
     if unknown:
         raise CellPuzzlesError(
-            f"{len(unknown)} prediction(s) name puzzles not in the puzzle file (e.g. {unknown[0]!r}); score them against the right split"
+            f"{len(unknown)} prediction(s) name puzzles not in the puzzle file (e.g. {unknown[0]!r}); "
+            "score them against the right split"
         )
     completions = [preds.get(p.puzzle_id, "") for p in puzzles]
     result = score(completions, [p.answer_text for p in puzzles], seed=seed)

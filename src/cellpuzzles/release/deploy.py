@@ -11,7 +11,8 @@ storageUri: a version's source is its run's ``model`` artifact. With a proxied M
 that is ``mlflow-artifacts:/<experiment>/<run>/artifacts/model``, which KServe's storage
 initializer cannot fetch. The server keeps it at ``<artifacts-destination>/<same path>``,
 so pass that destination as ``--artifact-store s3://bucket/prefix`` (or set
-``CELLPUZZLES_ARTIFACT_STORE``; infra/k8s/mlflow.yaml's ``artifacts-destination``) and the URI is rewritten; or give ``--storage-uri`` outright.
+``CELLPUZZLES_ARTIFACT_STORE``; infra/k8s/mlflow.yaml's ``artifacts-destination``) and the URI is rewritten;
+or give ``--storage-uri`` outright.
 A source that is already ``s3://``, ``gs://``, ``pvc://``, ``hf://`` or ``https://`` is used as is.
 
 Apply (``--apply``): create or patch through KServeClient (kubeconfig or in-cluster config),
@@ -94,7 +95,8 @@ def storage_uri_for(source: str, artifact_store: str | None = None) -> str:
 
 def _check(service: str, runtime: str, gpus: int, min_replicas: int, max_replicas: int, canary: int | None) -> None:
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,43}[a-z0-9])?", service):
-        raise CellPuzzlesError(f"--service {service!r}: use lowercase letters, digits and '-', starting with a letter (<= 45 chars)")
+        raise CellPuzzlesError(f"--service {service!r}: use lowercase letters, digits and '-', "
+                               "starting with a letter (<= 45 chars)")
     if runtime not in ("cellpuzzles", "vllm"):
         raise CellPuzzlesError(f"--runtime {runtime!r}: choose 'cellpuzzles' or 'vllm'")
     if gpus < 0 or (runtime == "vllm" and gpus < 1):
@@ -131,8 +133,8 @@ def build_inference_service(service: str, storage_uri: str, *, namespace: str = 
     if runtime == "vllm":
         model = vllm_predictor_model(storage_uri, res)
     else:
-        model = kserve.V1beta1ModelSpec(name="kserve-container", model_format=kserve.V1beta1ModelFormat(name=MODEL_FORMAT), runtime=RUNTIME_NAME,
-                                        image=SERVE_IMAGE, storage_uri=storage_uri, resources=res)
+        model = kserve.V1beta1ModelSpec(name="kserve-container", model_format=kserve.V1beta1ModelFormat(name=MODEL_FORMAT),
+                                        runtime=RUNTIME_NAME, image=SERVE_IMAGE, storage_uri=storage_uri, resources=res)
     placement = {}
     if gpus:
         placement = {"node_selector": dict(GPU_NODE_SELECTOR), "tolerations": [k8s.V1Toleration(**GPU_TOLERATION)]}

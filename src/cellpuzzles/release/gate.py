@@ -117,7 +117,8 @@ def report_markdown(name: str, version: str, passed: bool, reasons: list[str], e
     if "delta" in ev:
         lines.append(f"| champion batch accuracy | {fmt(ev['champion_batch_accuracy'])} | |")
         lines.append(f"| delta (paired, {ev['n_paired']} puzzles; {ev['wins']} won, {ev['losses']} lost) | "
-                     f"{ev['delta']:+.4f} [{ev['ci_low']:+.4f}, {ev['ci_high']:+.4f}] | lower bound >= {ev['required_ci_low']:+.4f} |")
+                     f"{ev['delta']:+.4f} [{ev['ci_low']:+.4f}, {ev['ci_high']:+.4f}] | "
+                     f"lower bound >= {ev['required_ci_low']:+.4f} |")
     lines += ["", "## Reasons" if reasons else "All checks passed.", *[f"- {r}" for r in reasons], "",
               f"Options: `{json.dumps(asdict(options))}`", ""]
     return "\n".join(lines)

@@ -69,7 +69,8 @@ def _metrics(correct, gold, exact, ok, uniq, length) -> dict[str, float]:
 
 
 def _summarise(rows: list[dict], n_boot: int, seed: int) -> dict:
-    cols = {k: np.asarray([r[k] for r in rows], dtype=float) for k in ("correct", "gold_cells", "exact", "well_formed", "uniqueness", "length")}
+    cols = {k: np.asarray([r[k] for r in rows], dtype=float)
+            for k in ("correct", "gold_cells", "exact", "well_formed", "uniqueness", "length")}
     args = (cols["correct"], cols["gold_cells"], cols["exact"], cols["well_formed"], cols["uniqueness"], cols["length"])
     point = {k: float(v) for k, v in _metrics(*args).items()}
     out: dict = {"n": len(rows), **point}
@@ -110,7 +111,7 @@ def format_table(results: dict[str, dict]) -> str:
     head = f"{'model':<22}{'n':>6}  {'batch acc':<22}{'cell acc':<22}{'format':>8}{'unique':>8}"
     lines = [head, "-" * len(head)]
     for name, s in results.items():
-        def iv(k):
+        def iv(k, s=s):
             ci = s.get(f"{k}_ci")
             return f"{s[k]:.3f}" + (f" [{ci[0]:.3f},{ci[1]:.3f}]" if ci else "")
         lines.append(f"{name:<22}{s['n']:>6}  {iv('batch_accuracy'):<22}{iv('cell_accuracy'):<22}"

@@ -36,7 +36,7 @@ def restated_genes(pairs: Sequence[tuple[Puzzle, str]]) -> int | None:
     given) in scaffold lines, else None."""
     lines = [(p, think_part(trace).split("\n")) for p, trace in pairs]
     k = 0
-    for p, ls in lines:
+    for _p, ls in lines:
         for line in ls:
             head, sep, _ = line.partition(ARROW)
             if sep and ": " in head:

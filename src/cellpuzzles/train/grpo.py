@@ -33,7 +33,8 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise CellPuzzlesError("--rollout vllm needs the vllm package (the GPU training image has it); use --rollout hf") from None
+            raise CellPuzzlesError("--rollout vllm needs the vllm package (the GPU training image has it); "
+                                   "use --rollout hf") from None
     model, tok, prompt = load_model(model_path)
     rollout = resolve_rollout(opt.rollout, prompt)
     use_lora = (not is_tiny(model)) if opt.use_lora is None else opt.use_lora
