@@ -84,7 +84,11 @@ def gate_step(model_name: str, version: str, options, report_file: str, decision
     decision = "pass" if d.passed else "fail"
     atomic.write_json(decision_file, {"decision": decision, "version": version, "model": model_name,
                                       "reasons": list(d.reasons), "evidence": d.evidence, "options": asdict(options)})
-    progress(f"gate: {decision.upper()} — " + "; ".join(d.reasons))
+    ev = d.evidence or {}
+    why = "; ".join(d.reasons) or (f"batch accuracy {ev.get('batch_accuracy')} >= {options.min_batch_accuracy}, "
+                                   + (f"not worse than champion v{ev['champion_version']}" if ev.get("champion_version")
+                                      else "no champion yet"))
+    progress(f"gate: {decision.upper()} — {why}")
     return decision
 
 
