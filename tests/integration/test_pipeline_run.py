@@ -90,6 +90,16 @@ def test_run_ends_with_the_gate_decision_champion_and_manifest(runs, mlflow_serv
     assert uri.startswith(mlflow_server["artifacts"].as_uri())  # the real location of the registered folder
     assert (Path(uri.removeprefix("file://")) / "config.json").is_file()
     assert f"kubectl apply -f {s['manifest']}" in r.stdout
+    # the recipe's question, answered in every run: the SFT model on the same puzzles, paired
+    assert set(s["models"]) == {"sft", "grpo"}
+    d = s["rl_vs_sft"]["constrained"]
+    assert d["after"] == pytest.approx(cons["batch_accuracy"], abs=1e-4)
+    assert d["before"] == pytest.approx(s["models"]["sft"]["constrained"]["batch_accuracy"], abs=1e-4)
+    assert d["ci"][0] <= d["difference"] <= d["ci"][1]
+    assert "RL vs SFT (constrained)" in r.stdout and "| constrained |" in Path(s["gate_report"]).read_text()
+    assert tags["rl_vs_sft.constrained"].startswith(f"{d['difference']:+.4f}")
+    prov = s["provenance"]
+    assert prov["versions"]["torch"] and len(prov["code"]["commit"] or "") == 40 and prov["machine"]["cpus"] >= 1
 
 
 def test_mlflow_has_step_runs_pipeline_run_and_registered_version(runs, mlflow_server):

@@ -106,7 +106,8 @@ def decide(challenger: dict, champion: dict | None, options: GateOptions) -> tup
     return reasons, ev
 
 
-def report_markdown(name: str, version: str, passed: bool, reasons: list[str], ev: dict, options: GateOptions) -> str:
+def report_markdown(name: str, version: str, passed: bool, reasons: list[str], ev: dict, options: GateOptions,
+                    rl_vs_sft: dict[str, str] | None = None) -> str:
     lines = [f"# Gate: {name} version {version} — {'PASS' if passed else 'FAIL'}", "",
              f"- mode: `{options.mode}`; test set `{str(ev.get('test_sha256'))[:16]}`",
              f"- champion before: {ev.get('champion_version') or 'none'}", ""]
@@ -119,6 +120,9 @@ def report_markdown(name: str, version: str, passed: bool, reasons: list[str], e
         lines.append(f"| delta (paired, {ev['n_paired']} puzzles; {ev['wins']} won, {ev['losses']} lost) | "
                      f"{ev['delta']:+.4f} [{ev['ci_low']:+.4f}, {ev['ci_high']:+.4f}] | "
                      f"lower bound >= {ev['required_ci_low']:+.4f} |")
+    if rl_vs_sft:  # the version's own recipe: did RL improve on its SFT model? (paired, same test puzzles)
+        lines += ["", "| RL vs SFT (batch accuracy, paired) | difference [95% CI] |", "|---|---|"]
+        lines += [f"| {mode} | {value} |" for mode, value in sorted(rl_vs_sft.items())]
     lines += ["", "## Reasons" if reasons else "All checks passed.", *[f"- {r}" for r in reasons], "",
               f"Options: `{json.dumps(asdict(options))}`", ""]
     return "\n".join(lines)
@@ -153,7 +157,8 @@ def gate(name: str = DEFAULT_NAME, version: str | int = "challenger", options: G
                 moved[PREVIOUS] = champ_v
             c.set_registered_model_alias(name, CHAMPION, v)
             moved[CHAMPION] = v
-        report = report_markdown(name, v, passed, reasons, ev, options)
+        rl_vs_sft = {k.removeprefix("rl_vs_sft."): val for k, val in mv.tags.items() if k.startswith("rl_vs_sft.")}
+        report = report_markdown(name, v, passed, reasons, ev, options, rl_vs_sft)
         tags = {"gate.decision": "pass" if passed else "fail", "gate.reasons": "; ".join(reasons)[:5000] or "-",
                 "gate.champion_version": base_v or "none", "gate.mode": options.mode,
                 "gate.options": json.dumps(asdict(options))}
