@@ -306,6 +306,23 @@ def test_serve_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "--predictor-url" in r.stderr
 
 
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_stops_the_server_with_one_line(world, tmp_path):
+    """Weights that do not load: the server stops by itself (no os._exit), exit code 2, and the
+    last line of stderr names the folder and the reason."""
+    import shutil
+
+    from helpers.net import free_port
+
+    broken = tmp_path / "broken"
+    shutil.copytree(world["folder"], broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    r = run_cli("serve", "--model", broken, "--port", free_port(), timeout=180)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --model {broken}") and "Traceback" not in r.stderr
+
+
 def test_scaffold_model_answers_constrained_requests_from_its_type_slots(world, tmp_path):
     """A model trained on scaffold traces (restated_genes in its folder): constrained answers
     come from the scaffold's type slots, so the reasoning restates each cell's genes and
