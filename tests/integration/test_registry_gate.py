@@ -58,7 +58,7 @@ def test_register_stores_model_evaluation_tags_alias_and_is_idempotent(mlflow_se
 def test_register_bad_inputs(mlflow_server, tmp_path):
     with pytest.raises(CellPuzzlesError, match="no config.json"):
         register(tmp_path, write_eval(tmp_path / "e", make_test_set(), set()), name="bad")
-    with pytest.raises(CellPuzzlesError, match="no evaluation.json"):
+    with pytest.raises(CellPuzzlesError, match="evaluation.json: no such file"):
         register(write_model(tmp_path / "m"), tmp_path / "nothing", name="bad")
 
 

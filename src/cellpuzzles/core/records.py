@@ -1,5 +1,5 @@
-"""JSONL files: one JSON value per line. The one reader and the one (atomic) writer every
-stage uses for puzzles, traces and predictions."""
+"""JSON and JSONL files (one JSON value per line): the one reader and the one (atomic) writer
+every stage uses for puzzles, traces, predictions, records and summaries."""
 
 from __future__ import annotations
 
@@ -11,6 +11,18 @@ from typing import Any
 
 from cellpuzzles.core.atomic import atomic_path
 from cellpuzzles.core.errors import CellPuzzlesError
+
+
+def read_json(path: str | os.PathLike, missing: str, fix: str) -> Any:
+    """The JSON value in ``path``; a missing file or invalid JSON is one CellPuzzlesError line
+    (``missing`` says what the file should have been, ``fix`` what to do about bad JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CellPuzzlesError(f"{path}: no such file; {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CellPuzzlesError(f"{path}: not valid JSON ({e.msg}); {fix}") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:

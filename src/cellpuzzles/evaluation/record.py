@@ -7,14 +7,13 @@ puzzle, so two models scored on the same puzzles can be compared pair by pair) a
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from cellpuzzles.core import atomic
 from cellpuzzles.core.errors import CellPuzzlesError
-from cellpuzzles.core.records import write_jsonl
+from cellpuzzles.core.records import read_json, write_jsonl
 from cellpuzzles.task.puzzle import Puzzle
 from cellpuzzles.task.reward import batch_reward
 
@@ -50,12 +49,7 @@ def write_evaluation(folder: str | os.PathLike, model: str, test: Sequence[Puzzl
 
 def read_evaluation(folder: str | os.PathLike) -> dict:
     path = Path(folder) / FILE
-    if not path.is_file():
-        raise CellPuzzlesError(f"{folder}: no {FILE}; pass the output folder of an evaluation step")
-    try:
-        rec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CellPuzzlesError(f"{path}: not valid JSON ({e.msg}); rerun the evaluation") from None
+    rec = read_json(path, f"pass the output folder of an evaluation step (with {FILE})", "rerun the evaluation")
     if not isinstance(rec, dict) or rec.get("version") != VERSION or not isinstance(rec.get("modes"), dict):
         raise CellPuzzlesError(f"{path}: not a version-{VERSION} evaluation record; rerun the evaluation")
     return rec
