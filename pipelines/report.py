@@ -41,10 +41,40 @@ def results_markdown(summary: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-def report(summary_file: str | Path, write: str | Path | None = None) -> str:
-    path = Path(summary_file)
-    summary = read_json(path, "give the summary.json of a finished `cellpuzzles run`", "rerun `cellpuzzles run`")
-    text = results_markdown(summary, str(path))
+def seeds_markdown(summaries: list[tuple[str, dict]], mode: str = "constrained") -> str:
+    """Batch accuracy per run (one column per seed) for the baselines and every model in
+    ``mode``, with the spread (min–max) and RL minus SFT per run: what varies with the seed."""
+    cols = [f"seed {s.get('seed')}" for _, s in summaries]
+    rows = ["| model | " + " | ".join(cols) + " | min–max |", "|---|" + "---|" * (len(cols) + 1)]
+    names = list(dict.fromkeys([f"{b} (baseline)" for _, s in summaries for b in s.get("baselines", {})]
+                               + [m for _, s in summaries for m in s.get("models", {})]))
+    for name in names:
+        vals = []
+        for _, s in summaries:
+            if name.endswith(" (baseline)"):
+                m = s.get("baselines", {}).get(name.removesuffix(" (baseline)"))
+            else:
+                m = s.get("models", {}).get(name, {}).get(mode)
+            vals.append(m["batch_accuracy"] if m else None)
+        shown = [f"{v:.3f}" if v is not None else "—" for v in vals]
+        present = [v for v in vals if v is not None]
+        spread = f"{min(present):.3f}–{max(present):.3f}" if present else "—"
+        rows.append(f"| {name} | " + " | ".join(shown) + f" | {spread} |")
+    diffs = [s.get("rl_vs_sft", {}).get(mode) for _, s in summaries]
+    rows.append("| RL − SFT (paired) | " + " | ".join(
+        f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else "—" for d in diffs) + " | |")
+    return "\n".join([f"Batch accuracy, {mode} decoding, across seeds (split, sampling and training all change "
+                      "with the seed):", ""] + rows + ["", "Sources: " + ", ".join(f"`{src}`" for src, _ in summaries)])
+
+
+def report(summary_file: str | Path | list, write: str | Path | None = None) -> str:
+    """The results block of the first summary; with several (one per seed), the across-seed table too."""
+    files = summary_file if isinstance(summary_file, list) else [summary_file]
+    runs = [(str(f), read_json(Path(f), "give the summary.json of a finished `cellpuzzles run`", "rerun `cellpuzzles run`"))
+            for f in files]
+    text = results_markdown(runs[0][1], runs[0][0])
+    if len(runs) > 1:
+        text += "\n\n" + seeds_markdown(runs)
     if write:
         doc = Path(write)
         old = doc.read_text() if doc.is_file() else ""

@@ -34,3 +34,19 @@ def test_report_writes_the_generated_block_once(tmp_path):
 def test_report_of_a_missing_summary_is_one_line(tmp_path):
     with pytest.raises(CellPuzzlesError, match="no such file"):
         report(tmp_path / "nope.json")
+
+
+def test_report_of_several_seeds_shows_each_seed_and_the_spread(tmp_path):
+    files = []
+    for seed, acc in ((0, 0.33), (1, 0.25)):
+        s = json.loads(json.dumps(SUMMARY))
+        s["seed"] = seed
+        s["models"]["grpo"]["constrained"]["batch_accuracy"] = acc
+        f = tmp_path / f"s{seed}.json"
+        f.write_text(json.dumps(s))
+        files.append(f)
+    text = report(files)
+    assert "| model | seed 0 | seed 1 | min–max |" in text
+    assert "| grpo | 0.330 | 0.250 | 0.250–0.330 |" in text
+    assert "| markers (baseline) | 0.500 | 0.500 | 0.500–0.500 |" in text
+    assert "| RL − SFT (paired) | +0.050 [+0.010, +0.090] | +0.050 [+0.010, +0.090] | |" in text

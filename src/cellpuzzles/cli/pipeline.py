@@ -26,7 +26,7 @@ def cmd_report(a) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("report", help="the results table (models, baselines, RL vs SFT, provenance) from a run's summary.json")
-    p.add_argument("summary", help="summary.json of a finished `cellpuzzles run`")
+    p.add_argument("summary", nargs="+", help="summary.json of a finished `cellpuzzles run` (several: one per seed)")
     p.add_argument("--write", default=None, metavar="FILE.md", help="also replace the generated block of this file")
     p.set_defaults(fn=cmd_report)
 
