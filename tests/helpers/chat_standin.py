@@ -32,11 +32,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler
 
 from cellpuzzles.task.puzzle import Puzzle, format_completion, parse_user_msg
 
-from helpers.local_http import LocalHTTPServer
+from helpers.local_http import LocalHTTPServer, QuietJSONHandler
 
 
 class ChatStandin(LocalHTTPServer):
@@ -97,11 +96,8 @@ class ChatStandin(LocalHTTPServer):
     def _handler_class(self):
         standin = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietJSONHandler):  # its _send adds headers and survives clients that hang up
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
 
             def _send(self, status: int, body: dict, headers: Mapping[str, str] = {}) -> None:
                 data = json.dumps(body).encode()

@@ -33,10 +33,9 @@ import json
 import threading
 import uuid
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
-from helpers.local_http import LocalHTTPServer
+from helpers.local_http import LocalHTTPServer, QuietJSONHandler
 
 API = "/apis/v2beta1"
 
@@ -152,19 +151,8 @@ class KfpApiStandin(LocalHTTPServer):
     def _handler_class(self):
         standin = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietJSONHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-            def _send(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
             def _login(self, parts) -> None:
                 if parts.path == "/dex/auth":

@@ -9,12 +9,11 @@ KServe itself. Every request is recorded in ``requests`` as (method, path, conte
 from __future__ import annotations
 
 import json
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import yaml
 
-from helpers.local_http import LocalHTTPServer
+from helpers.local_http import LocalHTTPServer, QuietJSONHandler
 
 
 def merge_patch(target: dict, patch: dict) -> dict:
@@ -57,17 +56,7 @@ class KubeStandIn(LocalHTTPServer):
     def _handler_class(self):
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, code, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        class Handler(QuietJSONHandler):
 
             def _key(self):
                 parts = self.path.split("?")[0].removeprefix(outer.PREFIX).split("/")

@@ -1,7 +1,23 @@
 """The lifecycle the test stand-ins share: a threaded HTTP server on 127.0.0.1, a free port."""
 
+import json
 import threading
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class QuietJSONHandler(BaseHTTPRequestHandler):
+    """The request handler the stand-ins share: no access log in test output, JSON replies."""
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 class LocalHTTPServer:
