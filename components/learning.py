@@ -8,29 +8,29 @@ from cellpuzzles.release.placement import TRAIN_IMAGE
 
 @dsl.component(base_image=TRAIN_IMAGE)
 def distill(puzzle_set: Input[Dataset], teacher: str, teacher_base_url: str, teacher_model: str, attempts: int,
-            mlflow_uri: str, traces: Output[Dataset], metrics: Output[Metrics]) -> str:
+            student: str, mlflow_uri: str, traces: Output[Dataset], metrics: Output[Metrics]) -> str:
     """Reasoning traces from a teacher (markers, or any OpenAI-compatible endpoint), kept when right."""
     from cellpuzzles.steps.common import log_kfp_metrics, run_step
     from cellpuzzles.steps.learning import DistillStepOptions, distill_step
 
-    opt = DistillStepOptions(teacher=teacher, base_url=teacher_base_url, teacher_model=teacher_model, attempts=attempts)
+    opt = DistillStepOptions(teacher=teacher, base_url=teacher_base_url, teacher_model=teacher_model, attempts=attempts,
+                             student=student)
     r = run_step("distill", distill_step, puzzle_set.path, traces.path, opt, mlflow_uri)
     log_kfp_metrics(metrics, {"accepted": r["accepted"], "acceptance_rate": r["acceptance_rate"]})
     return r["mlflow_run_id"]
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
-def sft(traces: Input[Dataset], base_model: str, steps: int, learning_rate: float, batch_size: int, seed: int,
-        mlflow_uri: str, model: Output[Model]) -> str:
+def sft(traces: Input[Dataset], base_model: str, options: dict, seed: int, mlflow_uri: str, model: Output[Model]) -> str:
     """Supervised fine-tuning (TRL SFTTrainer) on the distilled traces; 'tiny' builds the default model."""
     import os
-    from dataclasses import replace
 
+    from cellpuzzles.core.options import build
     from cellpuzzles.steps.common import run_step
     from cellpuzzles.steps.learning import SFTStepOptions, sft_step
+    from cellpuzzles.train.sft import SFTOptions
 
-    opt = SFTStepOptions(model=base_model, seed=seed)
-    opt.sft = replace(opt.sft, max_steps=steps, learning_rate=learning_rate, batch_size=batch_size)
+    opt = SFTStepOptions(model=base_model, seed=seed, sft=build(SFTOptions, options))
     r = run_step("sft", sft_step, os.path.join(traces.path, "traces.jsonl"), model.path, opt, mlflow_uri)
     return r["mlflow_run_id"]
 

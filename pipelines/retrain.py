@@ -30,12 +30,11 @@ from cellpuzzles.release.registry import DEFAULT_NAME
 from cellpuzzles.steps.data import DataOptions
 from cellpuzzles.steps.learning import DistillStepOptions, SFTStepOptions
 from cellpuzzles.train.rl_common import RLOptions
-from cellpuzzles.train.sft import SFTOptions
 
 PIPELINE_YAML = Path(__file__).with_name("retrain.yaml")
 # parameter defaults come from the options dataclasses (one definition each; tests/ compare them)
 DATA, PUZZLES, DISTILL = defaults(DataOptions), defaults(PuzzleOptions), defaults(DistillStepOptions)
-SFT_STEP, SFT, RL, GATE = defaults(SFTStepOptions), defaults(SFTOptions), defaults(RLOptions), defaults(GateOptions)
+SFT_STEP, RL, GATE = defaults(SFTStepOptions), defaults(RLOptions), defaults(GateOptions)
 NAME = "cellpuzzles-retrain"
 
 
@@ -82,9 +81,7 @@ def retrain_pipeline(
     teacher_attempts: int = DISTILL["attempts"],
     # model and training
     base_model: str = SFT_STEP["model"],
-    sft_steps: int = SFT["max_steps"],
-    sft_learning_rate: float = SFT["learning_rate"],
-    sft_batch_size: int = SFT["batch_size"],
+    sft_options: dict = {},  # SFTOptions fields to set, e.g. {"max_steps": 900}; the rest: the model kind's defaults
     rl_algo: str = RL["algo"],
     rl_options: dict = {},  # RLOptions fields to set, e.g. {"max_steps": 2}; the rest: the algorithm's defaults
     eval_options: dict = {},  # {"limit": K}: decode only K test puzzles (default: all)
@@ -117,11 +114,10 @@ def retrain_pipeline(
         # the teachers here are rule-based (markers) or remote (openai): distill needs no GPU
         ds = with_mlflow(distill(puzzle_set=pz.outputs["puzzle_set"], teacher=teacher,
                                  teacher_base_url=teacher_base_url, teacher_model=teacher_model,
-                                 attempts=teacher_attempts, mlflow_uri=mlflow_uri))
+                                 attempts=teacher_attempts, student=base_model, mlflow_uri=mlflow_uri))
         name, keys = TEACHER_SECRET
         kubernetes.use_secret_as_env(ds, secret_name=name, secret_key_to_env=keys, optional=True)
-        st = on_gpu(with_mlflow(sft(traces=ds.outputs["traces"], base_model=base_model, steps=sft_steps,
-                                    learning_rate=sft_learning_rate, batch_size=sft_batch_size, seed=seed,
+        st = on_gpu(with_mlflow(sft(traces=ds.outputs["traces"], base_model=base_model, options=sft_options, seed=seed,
                                     mlflow_uri=mlflow_uri)))
         rt = on_gpu(with_mlflow(rl(puzzle_set=pz.outputs["puzzle_set"], sft_model=st.outputs["model"], algo=rl_algo,
                                    options=rl_options, seed=seed, mlflow_uri=mlflow_uri)))

@@ -42,8 +42,7 @@ PIPE = {
     "reasoning_fraction": (PuzzleOptions, "reasoning_fraction"), "seed": (PuzzleOptions, "seed"),
     "teacher": (DistillStepOptions, "teacher"), "teacher_attempts": (DistillStepOptions, "attempts"),
     "base_model": (SFTStepOptions, "model"),
-    "sft_steps": (SFTOptions, "max_steps"), "sft_learning_rate": (SFTOptions, "learning_rate"),
-    "sft_batch_size": (SFTOptions, "batch_size"), "rl_algo": (RLOptions, "algo"),
+    "rl_algo": (RLOptions, "algo"),
     "min_batch_accuracy": (GateOptions, "min_batch_accuracy"), "min_format_ratio": (GateOptions, "min_format_ratio"),
     "tolerance": (GateOptions, "tolerance"),
 }

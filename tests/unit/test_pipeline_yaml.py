@@ -70,6 +70,6 @@ def test_secrets_exit_handler_and_gate_condition():
     cond = [t for n, t in tasks.items() if n.startswith("gate-passed") or n.startswith("condition")]
     assert cond and "pass" in cond[0]["triggerPolicy"]["condition"]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    for p in ("data_source", "data_version", "base_model", "rl_algo", "sft_steps", "min_batch_accuracy",
+    for p in ("data_source", "data_version", "base_model", "rl_algo", "sft_options", "min_batch_accuracy",
               "min_format_ratio", "tolerance", "mlflow_uri", "kserve_namespace"):
         assert p in params, p

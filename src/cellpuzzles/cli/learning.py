@@ -20,14 +20,31 @@ def cmd_evaluate(a) -> int:
     from cellpuzzles.task.reward import format_by_n, format_table
 
     src = Path(a.puzzles)
-    if a.model:
-        from cellpuzzles.evaluation.evaluate import evaluate_model
-        from cellpuzzles.inference.decode import DecodeOptions
+    if a.endpoint:  # a deployed model over HTTP (evaluation/endpoint.py)
+        from cellpuzzles.evaluation.endpoint import EndpointOptions, evaluate_endpoint
+        from cellpuzzles.inference.folder import load_prompt_options
 
         test = read_puzzles(src / "test.jsonl" if src.is_dir() else src)
+        modes = a.mode or (["free"] if a.protocol == "openai" else ["free", "constrained"])
+        res = evaluate_endpoint(EndpointOptions(url=a.endpoint, protocol=a.protocol), test, a.out, modes=modes,
+                                prompt=load_prompt_options(a.model) if a.model else None, seed=a.seed)
+        print(format_table(res))
+        return 0
+    if a.model:
+        from cellpuzzles.evaluation.evaluate import evaluate_model
+        from cellpuzzles.evaluation.record import write_evaluation
+        from cellpuzzles.evaluation.subset import stratified
+        from cellpuzzles.inference.decode import DecodeOptions
+
+        test = stratified(read_puzzles(src / "test.jsonl" if src.is_dir() else src), a.limit)
         dec = DecodeOptions(do_sample=a.do_sample, temperature=a.temperature, max_new_tokens=a.max_new_tokens, seed=a.seed)
-        res = evaluate_model(a.model, test, a.out, modes=a.mode or ["free", "constrained"], decode=dec,
-                             name=Path(a.model).name, seed=a.seed)
+        name = Path(a.model).name
+        res = evaluate_model(a.model, test, a.out, modes=a.mode or ["free", "constrained"], decode=dec, name=name,
+                             seed=a.seed)
+        if a.out:  # the evaluation record `cellpuzzles register MODEL OUT` takes
+            comps = {m: [read_predictions(Path(a.out) / f"predictions_{name}_{m}.jsonl")[p.puzzle_id] for p in test]
+                     for m in res}
+            print(f"evaluation record: {write_evaluation(a.out, name, test, comps, res)}")
         print(format_table(res))
         for mode, r in res.items():
             print(f"\n{mode} by N:\n{format_by_n(r)}")
@@ -145,14 +162,21 @@ def add_commands(sub) -> None:
     p.add_argument("--predictions", default=None, help="JSONL lines {puzzle_id, completion}")
     p.add_argument("--solver", action="append", choices=["markers", "random"], default=None, help="baseline solver (repeatable)")
     p.add_argument("--train", default=None, help="train .jsonl for --solver when --puzzles is a file")
-    p.add_argument("--out", default=None, help="folder for predictions and metrics")
+    p.add_argument("--out", default=None, help="folder for predictions and metrics (with --model: also the "
+                   "evaluation record that `cellpuzzles register` takes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="also print the full metrics as JSON")
     p.add_argument("--model", default=None, help="a model folder to decode with (free and constrained)")
     p.add_argument("--mode", action="append", choices=["free", "constrained"], default=None)
+    p.add_argument("--endpoint", default=None, help="evaluate a deployed model at this URL over HTTP (with --model: "
+                   "the model folder whose prompt options an openai endpoint needs)")
+    p.add_argument("--protocol", choices=["v1", "openai"], default="v1",
+                   help="--endpoint's protocol: the project's V1 route (free, constrained), or an OpenAI base URL (free)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the model's budget (from its tokenizer and the traces it learnt)")
+    p.add_argument("--limit", type=int, default=None, help="decode only K test puzzles, taken across every N")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("distill", help="reasoning traces from a teacher, kept when the reward reaches --threshold")

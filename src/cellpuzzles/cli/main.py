@@ -13,9 +13,11 @@ def cmd_run(a) -> int:
     from cellpuzzles.pipelines.local import RunOptions, run
 
     params = dict(parse_key_value(x, "--param", "train_per_n=500", json_values=True) for x in a.param)
-    for flag, key in (("model", "base_model"), ("sft_steps", "sft_steps"), ("rl_algo", "rl_algo")):
+    for flag, key in (("model", "base_model"), ("rl_algo", "rl_algo")):
         if getattr(a, flag) is not None:
             params[key] = getattr(a, flag)
+    if a.sft_steps is not None:
+        params["sft_options"] = {**params.get("sft_options", {}), "max_steps": a.sft_steps}
     if a.rl_steps is not None:
         params["rl_options"] = {**params.get("rl_options", {}), "max_steps": a.rl_steps}
     if a.eval_limit is not None:
@@ -25,7 +27,7 @@ def cmd_run(a) -> int:
 
 
 # command modules that register their own subcommands (imports stay light: heavy ones inside functions)
-COMMAND_MODULES = ("data", "learning", "release", "serve", "pipeline")  # one per stage, each adds its subcommands
+COMMAND_MODULES = ("data", "learning", "release", "serve", "pipeline", "annotate")  # one per stage, each adds its subcommands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/default", help="output folder (default runs/default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="'tiny' (default, built from scratch) or a Hugging Face model folder")
-    p.add_argument("--sft-steps", type=int, default=None)
+    p.add_argument("--sft-steps", type=int, default=None, help="default: the model kind's (tiny 900, pretrained one epoch)")
     p.add_argument("--rl-steps", type=int, default=None, help="default: the algorithm's (40)")
     p.add_argument("--rl-algo", choices=["grpo", "ppo"], default=None, help="default grpo")
-    p.add_argument("--eval-limit", type=int, default=None, help="decode only the first K test puzzles")
+    p.add_argument("--eval-limit", type=int, default=None, help="decode only K test puzzles, taken across every N (default: all)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="any other pipeline parameter (repeatable), e.g. min_batch_accuracy=0.1")
     p.add_argument("--no-cache", action="store_true", help="rerun every step (default: reuse finished steps in OUT)")

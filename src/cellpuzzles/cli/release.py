@@ -42,7 +42,8 @@ def cmd_gate(a) -> int:
     from cellpuzzles.release.gate import GateOptions, gate
 
     opt = GateOptions(min_batch_accuracy=a.min_batch_accuracy, min_format_ratio=a.min_format_ratio, mode=a.mode,
-                      tolerance=a.tolerance, margin=a.margin, n_boot=a.n_boot, confidence=a.confidence, seed=a.seed)
+                      tolerance=a.tolerance, margin=a.margin, n_boot=a.n_boot, confidence=a.confidence, seed=a.seed,
+                      peer_tolerance=a.peer_tolerance)
     d = gate(a.name, a.version or a.alias, opt, tracking_uri=a.tracking_uri)
     if a.report:
         atomic.write_text(a.report, d.report)
@@ -64,6 +65,8 @@ def cmd_deploy(a) -> int:
         service_account=a.service_account, out=a.out, apply=a.apply, kubeconfig=a.kubeconfig, timeout_s=a.timeout,
         tracking_uri=a.tracking_uri))
     print(f"wrote {r.out}: '{a.name}' version {r.version} from {r.storage_uri}")
+    if r.warning:
+        print(r.warning, file=sys.stderr)
     print(r.message if r.applied else f"apply it with: {r.message}")
     return 0
 
@@ -97,6 +100,9 @@ def add_commands(sub) -> None:
     p.add_argument("--tolerance", type=float, default=d.tolerance,
                    help=f"largest allowed drop vs champion (default {d.tolerance})")
     p.add_argument("--margin", type=float, default=d.margin, help="require a gain of at least this instead (lower CI bound)")
+    p.add_argument("--peer-tolerance", type=float, default=d.peer_tolerance,
+                   help="refuse when batch accuracy is below the classical peer's (logistic regression, one-to-one) "
+                        "by more than this (default: off)")
     p.add_argument("--n-boot", type=int, default=d.n_boot)
     p.add_argument("--confidence", type=float, default=d.confidence)
     p.add_argument("--seed", type=int, default=d.seed)

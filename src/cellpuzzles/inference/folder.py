@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from cellpuzzles.core.errors import CellPuzzlesError, short_reason
 from cellpuzzles.task.puzzle import Puzzle
 
 PROMPT_FILE = "cellpuzzles.json"
-TINY_MAX_PARAMETERS = 20_000_000  # below this a model counts as tiny (is_tiny)
+TINY, PRETRAINED = "tiny", "pretrained"  # model kinds: the built-in default, or any Hugging Face folder
 
 
 @dataclass
@@ -25,6 +25,8 @@ class PromptOptions:
 
     genes_per_cell: int | None = None  # None: every gene the puzzle lists
     restated_genes: int | None = None  # set when the SFT traces were scaffolds (cellpuzzles.task.scaffold)
+    tokens_per_cell: float | None = None  # longest SFT trace per cell, in this tokenizer (inference.budget)
+    kind: str = PRETRAINED  # TINY for the built-in default: decides the training defaults (train.presets)
 
     def apply(self, puzzle: Puzzle) -> Puzzle:
         if self.genes_per_cell is None:
@@ -43,6 +45,9 @@ def save(model, tokenizer, out_dir: str | os.PathLike, prompt: PromptOptions) ->
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    model.config.use_cache = True  # training switches the cache off; inference wants it
+    for key in ("local_files_only",):  # loader arguments some trainers leave in the config
+        model.config.__dict__.pop(key, None)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -52,11 +57,6 @@ def save(model, tokenizer, out_dir: str | os.PathLike, prompt: PromptOptions) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def is_tiny(model) -> bool:
-    """A model small enough to train in full (the tiny default); larger ones get LoRA by default."""
-    return model.num_parameters() < TINY_MAX_PARAMETERS
 
 
 def check_folder(path: str | os.PathLike) -> Path:
@@ -71,20 +71,19 @@ def check_folder(path: str | os.PathLike) -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike):
+    """The folder's tokenizer exactly as plain ``AutoTokenizer`` (vLLM, KServe, TRL) loads it."""
     from transformers import AutoTokenizer
 
     p = check_folder(path)
-    cfg_file = p / "tokenizer_config.json"
-    declared = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
-    # a tokenizer saved as the generic backend (the tiny model's word-level one) must load as
-    # exactly that; AutoTokenizer would rebuild it as the model type's own class (qwen2 BPE)
-    loader = AutoTokenizer
-    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (p / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast as loader
     try:
-        tok = loader.from_pretrained(str(p), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
         raise CellPuzzlesError(f"--model {p}: tokenizer does not load ({short_reason(e)})") from None
+    cfg_file = p / "tokenizer_config.json"
+    declared = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and type(tok).__name__ != declared:
+        raise CellPuzzlesError(f"--model {p}: tokenizer_config.json declares {declared} but AutoTokenizer builds "
+                               f"{type(tok).__name__}, which tokenizes differently; re-save the folder with this version")
     if not tok.chat_template:
         raise CellPuzzlesError(f"--model {p}: the tokenizer has no chat template; use an instruct/chat model or add one")
     if tok.pad_token is None:
@@ -95,7 +94,14 @@ def load_tokenizer(path: str | os.PathLike):
 
 def load_prompt_options(path: str | os.PathLike) -> PromptOptions:
     f = Path(path) / PROMPT_FILE
-    return PromptOptions(**json.loads(f.read_text())) if f.is_file() else PromptOptions()
+    if not f.is_file():
+        return PromptOptions()
+    try:
+        saved = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CellPuzzlesError(f"{f}: not JSON ({e.msg}); rewrite it or delete it to use the defaults") from None
+    known = {k.name for k in fields(PromptOptions)}
+    return PromptOptions(**{k: v for k, v in saved.items() if k in known})
 
 
 def load_model(path: str | os.PathLike, dtype: str = "auto"):

@@ -27,7 +27,8 @@ class DistillStepOptions:
     api_key_env: str = "OPENAI_API_KEY"
     attempts: int = 1
     threshold: float = 1.0
-    visible_genes: int | None = 6  # markers teacher: cite only the genes the student is shown
+    student: str = "tiny"  # the model that learns from the traces: "tiny" or a Hugging Face model folder
+    visible_genes: int | None = None  # markers teacher: cite only these top genes (default: what the student is shown)
     cache_dir: str = ""  # OpenAI teacher's resumable answer cache ("": beside the output)
 
 
@@ -43,7 +44,8 @@ def distill_step(puzzles_dir: str | Path, out_dir: str | Path, opt: DistillStepO
     if opt.teacher == "markers":
         from cellpuzzles.distill.teachers.markers import MarkersTeacher
 
-        teacher = MarkersTeacher(reasoning + train, visible_genes=opt.visible_genes)
+        visible = opt.visible_genes if opt.visible_genes is not None else student_genes(opt.student)
+        teacher = MarkersTeacher(reasoning + train, visible_genes=visible)
     elif opt.teacher == "openai":
         from cellpuzzles.distill.teachers.openai_teacher import OpenAITeacher, OpenAITeacherConfig
 
@@ -61,6 +63,14 @@ def distill_step(puzzles_dir: str | Path, out_dir: str | Path, opt: DistillStepO
             log_metrics("", {k: v for k, v in stats.items() if isinstance(v, (int, float))})
             mlflow.log_param("teacher.name", stats["teacher"])
     return {"mlflow_run_id": run_id or "", "accepted": stats["accepted"], "acceptance_rate": stats["acceptance_rate"]}
+
+
+def student_genes(model: str) -> int | None:
+    """Genes per cell the student is shown: the tiny model's setting, or a folder's own prompt
+    options (a pretrained model with none sees every gene of the puzzle)."""
+    from cellpuzzles.inference.folder import load_prompt_options
+
+    return SFTStepOptions().genes_per_cell if model == "tiny" else load_prompt_options(model).genes_per_cell
 
 
 @dataclass
@@ -90,7 +100,7 @@ def sft_step(traces_file: str | Path, out_dir: str | Path, opt: SFTStepOptions, 
                               TinyConfig(seed=opt.seed), PromptOptions(genes_per_cell=opt.genes_per_cell))
         else:
             init = Path(opt.model)
-        progress(f"sft: {opt.sft.max_steps} steps on {len(pairs)} traces")
+        progress(f"sft: {opt.sft.max_steps or 'default'} steps on {len(pairs)} traces")
         log = MetricsLogger("sft") if run_id else None
         path = sft(pairs, init, out, replace(opt.sft, seed=opt.seed), callbacks=[log] if log else [])
         if run_id and curves(log.history, ["loss", "eval_loss", "mean_token_accuracy"], out.parent / "sft_curves.png", "SFT"):
@@ -111,7 +121,7 @@ def rl_step(puzzles_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
     rl_all = read_puzzles(Path(puzzles_dir) / "train.jsonl")
     val, rl_set = rl_all[-opt.val_size:], rl_all[:-opt.val_size]  # validation held out from RL updates
     with step_run(mlflow_uri, f"rl-{opt.algo}", asdict(opt)) as run_id:
-        progress(f"rl: {opt.algo}, {opt.max_steps} steps from the SFT model")
+        progress(f"rl: {opt.algo}, {opt.max_steps or 'default'} steps from the SFT model")
         log = MetricsLogger(f"rl_{opt.algo}")
         path = train_rl(rl_set, val, model_dir, out, opt, log)
         keys = ["reward", "kl", "rewards/format_ok/mean", "completions/mean_length", "val_batch_accuracy",
@@ -131,11 +141,12 @@ def evaluate_step(model_dir: str | Path, puzzles_dir: str | Path, out_dir: str |
 
     from cellpuzzles.evaluation.evaluate import evaluate_model, read_predictions
     from cellpuzzles.evaluation.record import write_evaluation
+    from cellpuzzles.evaluation.subset import stratified
     from cellpuzzles.task.puzzle import read_puzzles
     from cellpuzzles.task.reward import format_table
 
     pz, out = Path(puzzles_dir), Path(out_dir)
-    test = read_puzzles(pz / "test.jsonl")[:limit]
+    test = stratified(read_puzzles(pz / "test.jsonl"), limit)  # every N, when limited
     with step_run(mlflow_uri, "evaluate", {"model": name, "limit": limit, "test_puzzles": len(test)}) as run_id:
         progress(f"evaluate {name}: free and constrained decoding on {len(test)} test puzzles")
         work = out.parent / (out.name + ".work")

@@ -13,6 +13,14 @@ from cellpuzzles.train.rl_common import RLOptions
 
 def train_rl(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathLike, out: str | os.PathLike,
              opt: RLOptions, logger: MetricsLogger | None = None) -> Path:
+    """RL from the model folder ``model_path``; options left unset take the model kind's and
+    algorithm's defaults (train/presets.py)."""
+    from cellpuzzles.inference.folder import load_prompt_options
+    from cellpuzzles.train.presets import rl_for
+
+    if opt.algo not in ("grpo", "ppo"):
+        raise CellPuzzlesError(f"--algo {opt.algo!r}: choose grpo or ppo")
+    opt = rl_for(opt, load_prompt_options(model_path).kind)
     if opt.algo == "grpo":
         from cellpuzzles.train.grpo import train_grpo
 

@@ -4,10 +4,10 @@ trained on the puzzle corpus and embeddings initialised from the training split'
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cellpuzzles.inference.folder import PromptOptions, save
+from cellpuzzles.inference.folder import TINY, PromptOptions, save
 from cellpuzzles.task.puzzle import Puzzle, format_completion
 
 
@@ -33,7 +33,7 @@ def build_tiny(puzzles: list[Puzzle], traces: list[str], out_dir: str | os.PathL
     from cellpuzzles.train.tokenizer import train_tokenizer
 
     cfg = config or TinyConfig()
-    prompt = prompt or PromptOptions()
+    prompt = replace(prompt or PromptOptions(), kind=TINY)
     shown = [prompt.apply(p) for p in puzzles]
     texts = [f"{p.user_msg}\n{t}" for p, t in zip(shown, traces)]
     texts += [format_completion("", p.answer) for p in shown]
