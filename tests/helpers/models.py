@@ -67,7 +67,8 @@ def as_scaffold_model(src: Path, dest: Path, genes_per_cell: int | None, restate
     """A copy of the model folder ``src`` marked as trained on scaffold traces restating
     ``restated_genes`` genes per cell (so decoding and rollouts use the scaffold)."""
     shutil.copytree(src, dest)
-    (dest / "cellpuzzles.json").write_text(json.dumps({"genes_per_cell": genes_per_cell,
+    saved = json.loads((src / "cellpuzzles.json").read_text()) if (src / "cellpuzzles.json").is_file() else {}
+    (dest / "cellpuzzles.json").write_text(json.dumps({**saved, "genes_per_cell": genes_per_cell,
                                                        "restated_genes": restated_genes}))
     return dest
 

@@ -172,3 +172,48 @@ def test_cli_path_sft_evaluate_register_gate_with_the_production_shaped_model(wo
     acc = rec["modes"]["constrained"]["metrics"]["batch_accuracy"]
     if acc < GateOptions().min_batch_accuracy:  # two SFT steps from random weights: expected
         assert r.returncode == 4, r.stdout[-1500:]
+
+
+def test_the_pipeline_runs_end_to_end_with_a_pretrained_folder(world, tmp_path):
+    """`cellpuzzles run --model FOLDER` (the production-shaped model) through every step to a gate
+    decision: LoRA and the pretrained defaults (only sizes are made small here), the model's
+    budget recorded by SFT, the markers teacher shown every gene the model sees."""
+    import subprocess
+    import sys
+
+    from helpers.paths import ROOT
+
+    for name in ("data.dvc", ".dvcignore"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    folder = build_production_model([p for p, _ in world["pairs"]], [t for _, t in world["pairs"]], tmp_path / "qwen")
+    small = ['sft_options={"max_steps": 2, "batch_size": 4, "grad_accum": 1}',
+             'rl_options={"max_steps": 1, "prompts_per_step": 2, "num_generations": 2}',
+             "train_per_n=30", "test_per_n=4", "n_max=4"]
+    r = subprocess.run([sys.executable, "-m", "cellpuzzles.cli", "run", "--model", str(folder), "--out", "out",
+                        "--eval-limit", "4", *[x for kv in small for x in ("--param", kv)]],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["gate"]["decision"] in ("pass", "fail") and "gate: " in r.stdout
+    job = next((tmp_path / "out" / "pipeline").iterdir())
+    sft_folder = next(p.parent for p in job.glob("sft/**/cellpuzzles.json"))
+    saved = json.loads((sft_folder / "cellpuzzles.json").read_text())
+    assert saved["kind"] == "pretrained" and saved["genes_per_cell"] is None and saved["tokens_per_cell"] > 0
+    # the teacher cites evidence beyond the tiny model's 6 genes: it sees what this model sees
+    from cellpuzzles.distill.traces import read_traces
+
+    beyond = 0
+    for p, trace in read_traces(next(job.glob("distill/**/traces.jsonl"))):
+        for genes, line in zip(p.genes, trace.split("</think>")[0].splitlines()):
+            cited = line.rpartition(": ")[2].split("; ")[0].split(", ")
+            beyond += any(g in genes[6:] and g not in genes[:6] for g in cited)
+    assert beyond > 0
+
+
+def test_the_teacher_is_shown_what_the_student_sees(world):
+    from cellpuzzles.steps.learning import SFTStepOptions, student_genes
+
+    assert student_genes("tiny") == SFTStepOptions().genes_per_cell == 6
+    assert student_genes(str(world["models"]["qwen2"])) == 8  # the folder's own prompt options

@@ -39,7 +39,9 @@ def test_sft_learns_checkpoints_and_resumes(world, tmp_path):
     assert losses[-1] < losses[0] - 1.0  # nats
     assert (out / "config.json").is_file() and (out / "cellpuzzles.json").is_file()
     # the traces are scaffolds restating 6 genes: the folder says so, so decoding uses the scaffold
-    assert json.loads((out / "cellpuzzles.json").read_text()) == {"genes_per_cell": 10, "restated_genes": 6}
+    saved = json.loads((out / "cellpuzzles.json").read_text())
+    assert {k: saved[k] for k in ("genes_per_cell", "restated_genes", "kind")} == {"genes_per_cell": 10, "restated_genes": 6,
+                                                                                  "kind": "tiny"}
     assert_loads_as_saved(out, world["folder"])
     # resume: more steps continue from the last checkpoint instead of starting over
     log2 = MetricsLogger("sft")
