@@ -10,6 +10,7 @@ from cellpuzzles.train.rl_common import RLOptions
 from cellpuzzles.train.sft import SFTOptions, sft
 
 from helpers.models import as_scaffold_model, build_world
+from helpers.production import build_production_model
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +28,25 @@ def assert_same(a, b):
     assert differ == [], f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
+@pytest.fixture(scope="module")
+def models(world):
+    """The tiny default, and the production-shaped model (trained through LoRA, its default)."""
+    qwen = build_production_model([p for p, _ in world["pairs"]], [t for _, t in world["pairs"]], world["root"] / "qwen2",
+                                  genes_per_cell=8)
+    return {"tiny": world["folder"], "qwen2": qwen}
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_sft_twice_gives_identical_weights_and_another_seed_does_not(world, tmp_path):
-    opt = SFTOptions(max_steps=6, batch_size=8, learning_rate=3e-3, save_steps=100, eval_steps=100, resume=False)
-    a = sft(world["pairs"], world["folder"], tmp_path / "a", opt)
-    b = sft(world["pairs"], world["folder"], tmp_path / "b", opt)
+@pytest.mark.parametrize("kind", ["tiny", "qwen2"])
+def test_sft_twice_gives_identical_weights_and_another_seed_does_not(world, models, tmp_path, kind):
+    opt = SFTOptions(max_steps=6 if kind == "tiny" else 3, batch_size=8, grad_accum=1, learning_rate=3e-3,
+                     save_steps=100, eval_steps=100, resume=False)
+    start = models[kind]
+    a = sft(world["pairs"], start, tmp_path / "a", opt)
+    b = sft(world["pairs"], start, tmp_path / "b", opt)
     assert_same(weights(a), weights(b))
-    c = sft(world["pairs"], world["folder"], tmp_path / "c", SFTOptions(**{**opt.__dict__, "seed": 1}))
+    c = sft(world["pairs"], start, tmp_path / "c", SFTOptions(**{**opt.__dict__, "seed": 1}))
     assert any(not torch.equal(x, y) for x, y in zip(weights(a).values(), weights(c).values()))
 
 

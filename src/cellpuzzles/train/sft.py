@@ -90,7 +90,7 @@ def sft(pairs: list[tuple[Puzzle, str]], model_path: str | os.PathLike, out: str
     prompt = replace(prompt, restated_genes=restated_genes(shown), tokens_per_cell=tokens_per_cell(tok, shown))
     use_lora = opt.use_lora
     if use_lora:
-        model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r)
+        model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r, seed=opt.seed)
     rows = conversations(pairs, prompt)
     ds = Dataset.from_list(rows).shuffle(seed=opt.seed)
     n_eval = int(len(ds) * opt.eval_fraction) if len(ds) >= 40 else 0
