@@ -16,19 +16,38 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellpuzzles.inference.budget import new_token_budget
 from cellpuzzles.inference.prompting import prompt_text
-from cellpuzzles.task.assign import assign_labels
-from cellpuzzles.task.puzzle import ANSWER_SEP, Puzzle, format_completion, think_part
+from cellpuzzles.task.puzzle import Puzzle, think_part
 
 
 @dataclass
 class DecodeOptions:
-    max_new_tokens: int | None = None  # None: 64 + 32 per cell
-    do_sample: bool = False
+    max_new_tokens: int | None = None  # None: the model's budget (inference.budget) from tokens_per_cell
+    tokens_per_cell: float | None = None  # the model folder's (PromptOptions.tokens_per_cell); None: estimated
+    do_sample: bool = False  # False: greedy, whatever the model's generation_config says
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 32
     seed: int = 0
+
+    def generation_config(self, tok, budget: int):
+        """Exactly these settings: a model's own generation_config (Qwen's ships sampling, top_k 20 and
+        a repetition penalty) must not turn greedy into something else."""
+        from transformers import GenerationConfig
+
+        sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0, min_p=0.0) \
+            if self.do_sample else {}
+        return GenerationConfig(**{**NEUTRAL, **sampling}, max_new_tokens=budget, pad_token_id=tok.pad_token_id,
+                                eos_token_id=tok.eos_token_id)
+
+
+# every generation setting that changes which token is picked, at its "no effect" value: set
+# explicitly, since generate() fills unset (None) values from the model's own generation_config
+# (top_k: the library's default, unused by greedy; sampling sets it to 0, no top-k filtering)
+NEUTRAL = dict(do_sample=False, temperature=1.0, top_p=1.0, top_k=50, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+               repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+               encoder_no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, length_penalty=1.0)
 
 
 def generate(model, tok, puzzles: Sequence[Puzzle], opt: DecodeOptions | None = None, progress=None) -> list[str]:
@@ -44,11 +63,9 @@ def generate(model, tok, puzzles: Sequence[Puzzle], opt: DecodeOptions | None = 
         idx = order[start:start + opt.batch_size]
         texts = [prompt_text(tok, puzzles[i]) for i in idx]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        budget = opt.max_new_tokens or 64 + 32 * max(puzzles[i].n for i in idx)
-        kw = dict(do_sample=True, temperature=opt.temperature, top_p=opt.top_p) if opt.do_sample else dict(do_sample=False)
+        budget = opt.max_new_tokens or new_token_budget(tok, [puzzles[i] for i in idx], opt.tokens_per_cell)
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=budget, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id, **kw)
+            gen = model.generate(**enc, generation_config=opt.generation_config(tok, budget))
         new = gen[:, enc["input_ids"].shape[1]:]
         for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
             out[i] = text
@@ -188,53 +205,26 @@ def constrained(model, tok, puzzle: Puzzle, completion: str, restated_genes: int
     With ``restated_genes`` (a model trained on scaffold traces, ``cellpuzzles.task.scaffold``)
     the think part is the scaffold and each cell is scored at its line's type slot; the
     model's own completion is not needed. Otherwise the model's own think part is kept and
-    the cells are scored at the answer slots."""
-    model.eval()
-    if restated_genes:
-        return _scaffolded(model, tok, puzzle, restated_genes)
-    think = think_part(completion)
-    prefix = prompt_text(tok, puzzle) + f"<think>{think}</think>\n<answer>"
-    labels, scores = _greedy_slots(model, tok, puzzle, lambda i, chosen: prefix + "".join(f"{c}{ANSWER_SEP}" for c in chosen))
-    return format_completion(think, labels), scores
+    the cells are scored at the answer slots. Each slot's earlier slots hold the best unused
+    candidates; every candidate is scored as the tokenizer encodes it in place
+    (``cellpuzzles.inference.slot_tails``). The same path as ``constrained_many``, batch of one."""
+    from cellpuzzles.inference.scaffold_batch import constrained_batch
+
+    return constrained_batch(model, tok, [puzzle], restated_genes, [think_part(completion)])[0]
 
 
 def constrained_many(model, tok, puzzles: Sequence[Puzzle], completions: Sequence[str],
                      restated_genes: int | None = None, batch_size: int = 32) -> list[str]:
-    """``constrained`` for many puzzles: a scaffold model with one-token candidates decodes
-    ``batch_size`` puzzles per forward pass (``cellpuzzles.inference.scaffold_batch``, same answers)."""
-    from cellpuzzles.inference.scaffold_batch import batchable, constrained_batch
+    """``constrained`` for many puzzles, ``batch_size`` puzzles per forward pass (similar
+    lengths together), candidate names of any token length (``cellpuzzles.inference.scaffold_batch``)."""
+    from cellpuzzles.inference.scaffold_batch import constrained_batch
 
-    if restated_genes and batchable(tok, puzzles):
-        out: list[str] = []
-        for s in range(0, len(puzzles), batch_size):
-            out += [c for c, _ in constrained_batch(model, tok, puzzles[s:s + batch_size], restated_genes)]
-        return out
-    return [constrained(model, tok, p, c, restated_genes)[0] for p, c in zip(puzzles, completions)]
-
-
-def _scaffolded(model, tok, puzzle: Puzzle, k: int) -> tuple[str, np.ndarray]:
-    from cellpuzzles.task.scaffold import cell_line, think_lines
-
-    base = prompt_text(tok, puzzle) + "<think>"
-
-    def slot(i: int, chosen: list[str]) -> str:
-        done = think_lines(puzzle, k, chosen)
-        return base + (done + "\n" if done else "") + cell_line(i, puzzle.genes[i], k)
-
-    labels, scores = _greedy_slots(model, tok, puzzle, slot)
-    return format_completion(think_lines(puzzle, k, labels), labels), scores
-
-
-def _greedy_slots(model, tok, puzzle: Puzzle, slot_prefix) -> tuple[list[str], np.ndarray]:
-    """Score the candidates at each cell's slot, the earlier slots filled greedily among
-    unused candidates (``slot_prefix(i, chosen)`` is the text before slot i); then assign
-    one-to-one over the whole score matrix."""
-    scores = np.zeros((puzzle.n, puzzle.n))
-    chosen: list[str] = []
-    state = PrefixCache(model)
-    for i in range(puzzle.n):
-        scores[i] = slot_scores(model, tok, slot_prefix(i, chosen), puzzle.candidates, state)
-        free = [j for j in np.argsort(-scores[i]) if puzzle.candidates[j] not in chosen]
-        chosen.append(puzzle.candidates[free[0]])
-        state.commit(free[0])  # the chosen candidate's tokens stay cached for the next slot
-    return assign_labels(scores, puzzle.candidates), scores
+    order = sorted(range(len(puzzles)), key=lambda i: (puzzles[i].n, len(puzzles[i].user_msg)))
+    out: list[str] = [""] * len(puzzles)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        done = constrained_batch(model, tok, [puzzles[i] for i in idx], restated_genes,
+                                 [think_part(completions[i]) for i in idx])
+        for i, (c, _) in zip(idx, done):
+            out[i] = c
+    return out

@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 from cellpuzzles.core.errors import CellPuzzlesError
-from cellpuzzles.inference.folder import is_tiny, load_model, save
+from cellpuzzles.inference.folder import load_model, save
 from cellpuzzles.task.puzzle import Puzzle
 from cellpuzzles.train.callbacks import MetricsLogger, ValidationAccuracy
 from cellpuzzles.train.checkpoints import latest_checkpoint
 from cellpuzzles.train.lora import lora
+from cellpuzzles.train.presets import rl_for
 from cellpuzzles.train.rl_common import (
     RLOptions,
     cellpuzzles_reward,
@@ -36,10 +37,11 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
             raise CellPuzzlesError("--rollout vllm needs the vllm package (the GPU training image has it); "
                                    "use --rollout hf") from None
     model, tok, prompt = load_model(model_path)
+    opt = rl_for(opt, prompt.kind)  # unset options: the model kind's defaults (train/presets.py)
     rollout = resolve_rollout(opt.rollout, prompt)
-    use_lora = (not is_tiny(model)) if opt.use_lora is None else opt.use_lora
+    use_lora = opt.use_lora  # resolved per model kind by train_rl (train/presets.py)
     if use_lora:
-        model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r)
+        model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r, seed=opt.seed)
     ds = Dataset.from_list(rl_rows(train, prompt)).shuffle(seed=opt.seed)
     logger = logger or MetricsLogger("rl")
     shown_val = [prompt.apply(p) for p in val[: opt.val_size]]
@@ -55,7 +57,7 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
         per_device_train_batch_size=opt.prompts_per_step * opt.num_generations,
         num_generations=opt.num_generations,
         beta=opt.beta,
-        max_completion_length=completion_budget(train, opt),
+        max_completion_length=completion_budget(train, opt, tok, prompt),
         reward_weights=[1.0, 0.0],  # the reward, and the format ratio (logged only)
         use_vllm=rollout == "vllm",
         vllm_mode="colocate",

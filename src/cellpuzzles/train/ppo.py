@@ -44,7 +44,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from cellpuzzles.core.errors import CellPuzzlesError
-from cellpuzzles.inference.folder import PromptOptions, is_tiny, load_model, save
+from cellpuzzles.inference.folder import PromptOptions, load_model, save
 from cellpuzzles.inference.prompting import prompt_text
 from cellpuzzles.task.puzzle import Puzzle, is_well_formed
 from cellpuzzles.task.reward import batch_reward
@@ -52,6 +52,7 @@ from cellpuzzles.train.callbacks import MetricsLogger, ValidationAccuracy
 from cellpuzzles.train.checkpoints import latest_checkpoint
 from cellpuzzles.train.lora import lora
 from cellpuzzles.train.ppo_env_tokens import EnvTokens, ids_key
+from cellpuzzles.train.presets import rl_for
 from cellpuzzles.train.rl_common import RLOptions, completion_budget, resolve_rollout, trainer_args
 from cellpuzzles.train.scaffold_rollout import ScaffoldGenerate
 
@@ -240,9 +241,10 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
     model, tok, prompt = load_model(model_path)
+    opt = rl_for(opt, prompt.kind)  # unset options: the model kind's defaults (train/presets.py)
     rollout = resolve_rollout(opt.rollout, prompt)
     dtype = model.dtype
-    use_lora = (not is_tiny(model)) if opt.use_lora is None else opt.use_lora
+    use_lora = opt.use_lora  # resolved per model kind by train_rl (train/presets.py)
     ckpt = Path(f"{out}.ckpt")
     # the newest checkpoint holding the policy, the optimizer and the value model
     start = latest_checkpoint(ckpt, ("optimizer.pt", "value/config.json"), skip_incomplete=True,
@@ -257,7 +259,7 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
 
             model = PeftModel.from_pretrained(model, str(start[0]), is_trainable=True)
         else:
-            model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r)
+            model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r, seed=opt.seed)
         ref = None  # PPOTrainer uses the policy with its adapter disabled: the starting policy
     else:
         if start:
@@ -302,7 +304,7 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
         kl_coef=opt.beta,
         gamma=1.0,
         lam=GAE_LAMBDA,
-        response_length=completion_budget(train, opt),
+        response_length=completion_budget(train, opt, tok, prompt),
         stop_token="eos",
         missing_eos_penalty=None,  # the rule reward already gives -1 to anything cut off mid-format
         num_sample_generations=0,  # validation is ValidationAccuracy's job

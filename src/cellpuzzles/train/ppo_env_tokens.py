@@ -13,9 +13,11 @@ docs/training.md, docs/results.md).
 current rollout batch (registered by ``ScaffoldGenerate``, matched by their token ids) it
 replaces the logits that predict a forced token with a constant that gives that token
 probability 1: its log-probability is 0 under the policy and the reference alike, so its
-ratio is 1, its KL and entropy 0, and it carries no gradient. At each decision it keeps only
-the logits of the candidates still free (when they are given), so the policy PPO optimises
-is the one the rollout sampled from: a softmax over the free candidates. Without that, the
+ratio is 1, its KL and entropy 0, and it carries no gradient. At each decision token it keeps
+only the logits of the tokens the candidates still free allow there (when they are given): a
+name of several tokens is a path through the trie of the free candidates' tokens, every token
+of it a decision. So the policy PPO optimises is the one the rollout sampled from
+(``slot_batch.TrieSampler``): a softmax over the allowed tokens at each step of the path. Without that, the
 k1 KL estimate on the sampled types went negative as the policy moved mass to tokens it can
 never emit (measured: docs/results.md). The hidden states of every position (which the
 decisions attend to) are untouched. Any other forward (sampling, validation, evaluation)
@@ -53,7 +55,8 @@ class EnvTokens:
                  allowed: list[list[int]] | None = None) -> None:
         """One rollout: the unpadded query ids, the completion ids, which completion tokens
         the environment wrote, and (optional) the token ids the policy could choose from at
-        each of its decisions, in order. Keyed by the non-pad ids, as PPO's forward sees the row."""
+        each of its decision tokens, in order (every token of a sampled name). Keyed by the
+        non-pad ids, as PPO's forward sees the row."""
         row = np.asarray(query + completion, dtype=np.int64)
         self.rows[ids_key(row[row != self.pad])] = (len(query), np.asarray(forced, dtype=bool), allowed)
 

@@ -9,28 +9,20 @@ from cellpuzzles.inference.folder import PromptOptions
 from cellpuzzles.task.puzzle import Puzzle, is_well_formed
 from cellpuzzles.task.reward import batch_reward
 
-# Per-algorithm defaults for the fields left None, tuned on the tiny default with scaffold
-# rollouts (PPO: scaffold tokens as the environment's, train/ppo_env_tokens.py; GAE lambda 1)
-# over learning rates and seeds (measured: docs/results.md, docs/training.md). beta weighs
-# the KL of the decisions alone; Cell-o1 used beta 0.001. A large model with LoRA may want
-# a lower rate.
-ALGO_DEFAULTS = {
-    "grpo": {"max_steps": 40, "learning_rate": 5e-4, "beta": 0.001, "prompts_per_step": 8},
-    "ppo": {"max_steps": 40, "learning_rate": 1e-3, "beta": 0.01, "prompts_per_step": 32},
-}
-
 
 @dataclass
 class RLOptions:
     algo: str = option("grpo", "grpo (TRL GRPOTrainer) or ppo (TRL experimental PPOTrainer)", choices=("grpo", "ppo"))
-    max_steps: int | None = option(None, "RL steps (default: the algorithm's, ALGO_DEFAULTS)", flag="--steps")
-    learning_rate: float | None = option(None, "learning rate (default: the algorithm's, tuned on the tiny model)",
+    # None: the model kind's and algorithm's value (train/presets.py)
+    max_steps: int | None = option(None, "RL steps (default: tiny 40, pretrained 200)", flag="--steps")
+    learning_rate: float | None = option(None, "learning rate (default: tiny grpo 5e-4 / ppo 1e-3, pretrained 1e-6)",
                                          flag="--lr")
-    prompts_per_step: int | None = option(None, "prompts per step (default: grpo 8 x num-generations, ppo 32)")
-    num_generations: int = option(4, "GRPO group size (rollouts per prompt)")
-    beta: float | None = option(None, "KL coefficient to the reference policy (default: the algorithm's)")
+    prompts_per_step: int | None = option(None, "prompts per step (default: tiny grpo 8 / ppo 32, pretrained 64)")
+    num_generations: int | None = option(None, "GRPO group size, rollouts per prompt (default: tiny 4, pretrained 5)")
+    beta: float | None = option(None, "KL coefficient to the reference policy (default: tiny grpo 0.001 / ppo 0.01, "
+                                      "pretrained 0.001)")
     temperature: float = 1.0
-    max_completion_length: int | None = None  # None: 64 + 32 per cell of the largest puzzle
+    max_completion_length: int | None = None  # None: from the model's tokenizer and traces (inference.budget)
     val_size: int = option(32, "validation puzzles held out from the RL puzzles when no --val is given")
     eval_steps: int = 10
     save_steps: int = 10
@@ -40,15 +32,10 @@ class RLOptions:
     rollout: str = option("auto", "auto: scaffold for a model trained on scaffold traces, else hf (the model's generate)",
                           choices=("auto", "hf", "vllm", "scaffold"))
     static_cache: bool = False  # compiled static KV cache for HF rollouts (pays off on GPUs)
-    use_lora: bool | None = option(None, "LoRA adapters (default: on for Hugging Face models, full for tiny)",
+    use_lora: bool | None = option(None, "LoRA adapters (default: on for a pretrained model, full training for tiny)",
                                    flag="--lora")
-    lora_r: int = 16
+    lora_r: int | None = option(None, "LoRA rank, alpha 2r (default: tiny 16, pretrained 256)")
     seed: int = option(0, "random seed")
-
-    def __post_init__(self):
-        for key, value in ALGO_DEFAULTS.get(self.algo, {}).items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
 
 
 ROLLOUTS = ("auto", "hf", "vllm", "scaffold")
@@ -89,8 +76,11 @@ def rl_rows(puzzles: list[Puzzle], prompt: PromptOptions) -> list[dict]:
     return [{"prompt": prompt.apply(p).messages(), "answer": p.answer_text, "n": p.n} for p in puzzles]
 
 
-def completion_budget(puzzles: list[Puzzle], opt: RLOptions) -> int:
-    return opt.max_completion_length or 64 + 32 * max(p.n for p in puzzles)
+def completion_budget(puzzles: list[Puzzle], opt: RLOptions, tok, prompt: PromptOptions) -> int:
+    """New tokens per rollout: the option, else the model's budget for the largest puzzle."""
+    from cellpuzzles.inference.budget import new_token_budget
+
+    return opt.max_completion_length or new_token_budget(tok, [prompt.apply(p) for p in puzzles], prompt.tokens_per_cell)
 
 
 def trainer_args(opt: RLOptions, output_dir: str) -> dict:

@@ -5,11 +5,15 @@ scaffold traces: GRPO takes them as TRL's ``rollout_func``, PPO through the poli
 A rollout is written the way the served (constrained) mode writes an answer: the scaffold
 text (``Cell i: <genes> -> ``) is filled in by the environment and the policy samples each
 cell's type among the candidates not yet used, from its own likelihood of each candidate at
-that slot (temperature applies). The completion is then the scaffold with the sampled types
-plus the answer, so it is always a valid permutation and the batch reward is always
-informative. For GRPO only the sampled type tokens are the policy's (``env_mask`` 1); the
-scaffold and answer tokens are the environment's (0), so the loss, the KL and the length
-statistics cover the decisions alone. TRL's PPOTrainer has no such mask; there a forward
+that slot (temperature applies), token by token through the trie of the free candidates'
+tokens, so names of any token length are sampled as the model would write them. The
+completion is then the scaffold with the sampled types plus the answer, so it is always a
+valid permutation and the batch reward is always informative. Its token ids are exactly the
+tokenizer's encoding of its text (every candidate is tokenized in place, with the text around
+it: ``inference.slot_tails``), the path SFT trained and inference takes.
+For GRPO only the sampled type tokens are the policy's (``env_mask`` 1); the scaffold and
+answer tokens are the environment's (0), so the loss, the KL and the length statistics cover
+the decisions alone. TRL's PPOTrainer has no such mask; there a forward
 hook does the same (``ppo_env_tokens.EnvTokens``, registered by ``ScaffoldGenerate``).
 
 Why: the tiny model's free rollouts almost never end in a valid answer, so every rollout
@@ -21,78 +25,38 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellpuzzles.task.puzzle import ANSWER_SEP, Puzzle
-from cellpuzzles.task.scaffold import cell_line
+from cellpuzzles.task.puzzle import Puzzle
 
 
-def sample_completion(model, tok, p: Puzzle, k: int, temperature: float, rng) -> tuple[list, list, list]:
-    """One scaffold rollout of puzzle ``p`` (already shown, ``PromptOptions.apply``):
-    completion token ids (ending in EOS when the tokenizer has one), a mask (1 on the sampled
-    type tokens) and a log-likelihood per token (the sampled candidate's, spread over its tokens)."""
-    from cellpuzzles.inference.decode import PrefixCache, slot_scores
-    from cellpuzzles.inference.prompting import prompt_text
+def sample_rows(model, tok, puzzles: list[Puzzle], k: int, temperature: float, rng) -> list:
+    """Scaffold rollouts of many (already shown) puzzles, slot i of all of them and every
+    candidate in one forward pass (``inference.slot_batch``); each type is sampled token by
+    token through the trie of the still-free candidates (``TrieSampler``). Per puzzle a
+    ``slot_batch.Filled``: ``ids`` are exactly the tokenizer's encoding of the completion
+    text, ``mask`` is 1 on the sampled types' tokens, ``logps`` their log-likelihoods and
+    ``allowed`` the token ids the free candidates allowed at each of them."""
+    from cellpuzzles.inference.scaffold_batch import prompt_ids, scaffold_layout
+    from cellpuzzles.inference.slot_batch import TrieSampler, fill_slots
 
-    head = prompt_text(tok, p)
-    ids, mask, lps = [], [], []
-    text = ""  # the completion so far, as text
-    chosen: list[str] = []
-    state = PrefixCache(model)
-    for i in range(p.n):
-        piece = ("<think>" if i == 0 else "\n") + cell_line(i, p.genes[i], k)
-        _extend(tok, ids, mask, lps, piece)
-        text += piece
-        scores = slot_scores(model, tok, head + text, p.candidates, state)
-        j = _sample(scores, {p.candidates.index(c) for c in chosen}, temperature, rng)
-        state.commit(j)
-        chosen.append(p.candidates[j])
-        text += p.candidates[j]
-        own = tok(p.candidates[j], add_special_tokens=False)["input_ids"]
-        ids += own
-        mask += [1] * len(own)
-        lps += [float(scores[j]) / len(own)] * len(own)
-    return _finish(tok, ids, mask, lps, chosen)
+    layouts = [scaffold_layout(p, k) for p in puzzles]
+    return fill_slots(model, tok, prompt_ids(tok, puzzles), layouts, TrieSampler(temperature, rng))
 
 
 def sample_batch(model, tok, puzzles: list[Puzzle], k: int, temperature: float, rng) -> list[tuple[list, list, list]]:
-    """``sample_completion`` for many puzzles: slot i of all of them in one forward pass
-    (``scaffold_batch.fill_slots``) when every candidate is one token, else one by one."""
-    from cellpuzzles.inference.scaffold_batch import batchable, fill_slots
-
-    if not batchable(tok, puzzles):
-        return [sample_completion(model, tok, p, k, temperature, rng) for p in puzzles]
-
-    def pick(scores, used):
-        return _sample(scores, used, temperature, rng)
-
-    out = []
-    for p, row in zip(puzzles, fill_slots(model, tok, puzzles, k, pick)):
-        own = iter(row["scores"][i, j] for i, j in enumerate(row["chosen"]))  # one token per type
-        lps = [float(next(own)) if m else 0.0 for m in row["mask"]]
-        out.append(_finish(tok, row["ids"], row["mask"], lps, [p.candidates[j] for j in row["chosen"]]))
-    return out
+    """(completion ids ending in EOS when the tokenizer has one, mask of the sampled type
+    tokens, log-likelihood per token) per puzzle, from ``sample_rows``."""
+    return [_with_eos(tok, row) for row in sample_rows(model, tok, puzzles, k, temperature, rng)]
 
 
-def _sample(scores: np.ndarray, used: set, temperature: float, rng) -> int:
-    """A candidate index not in ``used``, drawn with probability ~ exp(score / temperature)."""
-    free = [j for j in range(len(scores)) if j not in used]
-    z = scores[free] / max(temperature, 1e-6)
-    prob = np.exp(z - z.max())
-    return free[int(rng.choice(len(free), p=prob / prob.sum()))]
+def sample_completion(model, tok, p: Puzzle, k: int, temperature: float, rng) -> tuple[list, list, list]:
+    """``sample_batch`` of one puzzle."""
+    return sample_batch(model, tok, [p], k, temperature, rng)[0]
 
 
-def _finish(tok, ids: list, mask: list, lps: list, chosen: list[str]) -> tuple[list, list, list]:
-    """Close the think part, write the answer (the environment's tokens) and EOS."""
-    _extend(tok, ids, mask, lps, f"</think>\n<answer>{ANSWER_SEP.join(chosen)}</answer>")
-    if tok.eos_token_id is not None:
-        ids, mask, lps = ids + [tok.eos_token_id], mask + [0], lps + [0.0]
-    return ids, mask, lps
-
-
-def _extend(tok, ids: list, mask: list, lps: list, text: str) -> None:
-    new = tok(text, add_special_tokens=False)["input_ids"]
-    ids += new
-    mask += [0] * len(new)
-    lps += [0.0] * len(new)
+def _with_eos(tok, row) -> tuple[list, list, list]:
+    if tok.eos_token_id is None:
+        return list(row.ids), list(row.mask), list(row.logps)
+    return row.ids + [tok.eos_token_id], row.mask + [0], row.logps + [0.0]
 
 
 class _Eval:
@@ -150,19 +114,6 @@ class ScaffoldGenerate:
         self.model, self.tok, self.queries, self.k, self.env = model, tok, queries, k, env
         self.rng = np.random.default_rng(seed)
 
-    def _free(self, p: Puzzle, ids: list, mask: list) -> list[list[int]] | None:
-        """The candidates' token ids still free at each decision (one token per type), or
-        None when a candidate spans several tokens."""
-        cand = [self.tok(c, add_special_tokens=False)["input_ids"] for c in p.candidates]
-        if any(len(c) != 1 for c in cand):
-            return None
-        free, out = [c[0] for c in cand], []
-        for t, m in zip(ids, mask):
-            if m:
-                out.append(list(free))
-                free.remove(t)
-        return out
-
     def __call__(self, input_ids, attention_mask, generation_config, **kwargs):
         import torch
         from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -182,12 +133,14 @@ class ScaffoldGenerate:
             shown.append(p)
             unpadded.append(q)
         with _Eval(self.model):
-            sampled = sample_batch(self.model, self.tok, shown, self.k, temperature, self.rng)
+            filled = sample_rows(self.model, self.tok, shown, self.k, temperature, self.rng)
+            sampled = [_with_eos(self.tok, row) for row in filled]
             rows = [r[0][:budget] for r in sampled]
             if self.env is not None:
                 self.env.reset()
-                for q, p, (ids, mask, _) in zip(unpadded, shown, sampled):
-                    self.env.register(q, ids[:budget], [m == 0 for m in mask[:budget]], self._free(p, ids, mask))
+                for q, row, (ids, mask, _) in zip(unpadded, filled, sampled):
+                    # every token of a type is a decision over the free candidates' token trie
+                    self.env.register(q, ids[:budget], [m == 0 for m in mask[:budget]], row.allowed)
             width = max(len(r) for r in rows)
             completion = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=input_ids.device)
             queries = torch.masked_fill(input_ids, ~attention_mask.bool(), pad)
