@@ -52,9 +52,9 @@ def test_sft_twice_gives_identical_weights_and_another_seed_does_not(world, mode
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_rl_twice_gives_identical_weights(world, tmp_path, algo):
-    model = as_scaffold_model(world["folder"], tmp_path / "scaffold", genes_per_cell=8, restated_genes=4)
+@pytest.mark.parametrize("algo,kind", [("grpo", "tiny"), ("ppo", "tiny"), ("grpo", "qwen2"), ("ppo", "qwen2")])
+def test_rl_twice_gives_identical_weights(world, models, tmp_path, algo, kind):
+    model = as_scaffold_model(models[kind], tmp_path / "scaffold", genes_per_cell=8, restated_genes=4)
     train = world["splits"]["train"][:16]
     opt = RLOptions(algo=algo, max_steps=2, prompts_per_step=4, num_generations=2, eval_steps=100, save_steps=100,
                     learning_rate=1e-3, resume=False)
