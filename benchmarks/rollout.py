@@ -19,8 +19,11 @@ Prints completion tokens/s for both and the ratio.
     python benchmarks/rollout.py --shape toy --new-tokens 32  # CPU smoke test
     python benchmarks/rollout.py --scaffold runs/default/...  # a scaffold model folder
 
-Status: the GPU comparison was written without a GPU in the session that added it; run it on
-one before quoting.
+Status: the GPU comparison has not yet run on a GPU (no session that had one ran it);
+``benchmarks/gpu_suite.sh`` runs it at FACTS.md's H100 setting (0.5B shape, batch 64, 512-token
+prompts, 256 new tokens, two warm-ups for the compiled path). The GPU image has no vLLM, so
+there the project path is the static compiled cache, an opt-in (``RLOptions.static_cache``):
+``cellpuzzles rl``'s default HF rollout is the dynamic-cache baseline itself.
 """
 
 from __future__ import annotations
@@ -38,16 +41,21 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _timed(fn, repeats: int) -> float:
-    """Seconds per call, best of ``repeats`` after one warm-up call (compilation, allocation)."""
-    fn()
+def _timed(fn, repeats: int, warmup: int = 1, times: list | None = None) -> float:
+    """Seconds per call, best of ``repeats`` after ``warmup`` full-length calls (compilation,
+    allocation: under-warmed calls read up to 3x slower). Every timed call is appended to ``times``."""
+    for _ in range(warmup):
+        fn()
     best = float("inf")
     for _ in range(repeats):
         _sync()
         t = time.perf_counter()
         fn()
         _sync()
-        best = min(best, time.perf_counter() - t)
+        dt = time.perf_counter() - t
+        best = min(best, dt)
+        if times is not None:
+            times.append(dt)
     return best
 
 
@@ -73,20 +81,47 @@ def vllm_fn(folder: str, ids, new_tokens: int):
 
 
 def shapes(a) -> None:
+    import json
     import tempfile
+    from pathlib import Path
 
     import torch
+    from sft_gpu import versions
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     gpu = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     cfg = Qwen2Config(**SHAPES[a.shape], max_position_embeddings=4096, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).to(dtype).to(dev).eval()
+    with torch.device(dev):
+        model = Qwen2ForCausalLM(cfg)
+    model = model.to(dtype).eval()
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.prompt_tokens), device=dev)
     tokens = a.batch * a.new_tokens
+    res = {"benchmark": "rollout", "shape": a.shape, "batch": a.batch, "prompt_tokens": a.prompt_tokens,
+           "new_tokens": a.new_tokens, "repeats": a.repeats, "warmup": a.warmup, "device": dev,
+           "versions": versions(), "runs": {}}
 
-    base = _timed(generate_fn(model, ids, a.new_tokens), a.repeats)
+    def dump():
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2))
+
+    def record(key, name, fn, warmup):
+        times: list = []
+        t0 = time.perf_counter()
+        best = _timed(fn, a.repeats, warmup, times)
+        res["runs"][key] = {"name": name, "tokens_per_s": tokens / best, "best_s": best, "times_s": times, "warmup": warmup,
+                            "wall_incl_warmup_s": time.perf_counter() - t0}
+        dump()
+        print(f"{key}: {name}: {tokens / best:10.0f} tokens/s (timed calls {', '.join(f'{t:.2f}' for t in times)} s; "
+              f"{time.perf_counter() - t0:.0f} s with warm-up)", flush=True)
+        return best
+
+    print(f"shape {a.shape}, batch {a.batch}, prompt {a.prompt_tokens} + {a.new_tokens} new tokens, device {dev} "
+          f"({res['versions'].get('gpu')}), {dtype}", flush=True)
+    base = record("baseline", "generate, dynamic cache (rl --rollout hf, the default)",
+                  generate_fn(model, ids, a.new_tokens),
+                  a.warmup if a.baseline_warmup is None else a.baseline_warmup)
     try:
         import vllm  # noqa: F401
         use_vllm = gpu
@@ -97,14 +132,14 @@ def shapes(a) -> None:
         model.save_pretrained(folder)
         del model
         torch.cuda.empty_cache()
-        name = "vLLM (--rollout vllm)"
-        proj = _timed(vllm_fn(folder, ids, a.new_tokens), a.repeats)
+        proj = record("project", "vLLM (--rollout vllm)", vllm_fn(folder, ids, a.new_tokens), a.warmup)
     else:
-        name = "generate, static compiled KV cache (static_cache)"
-        proj = _timed(generate_fn(model, ids, a.new_tokens, cache_implementation="static"), a.repeats)
-    print(f"shape {a.shape}, batch {a.batch}, prompt {a.prompt_tokens} + {a.new_tokens} new tokens, device {dev}")
-    print(f"baseline (generate, dynamic cache): {tokens / base:10.0f} tokens/s")
-    print(f"project  ({name}): {tokens / proj:10.0f} tokens/s")
+        proj = record("project", "generate, static compiled KV cache (RLOptions.static_cache)",
+                      generate_fn(model, ids, a.new_tokens, cache_implementation="static"), a.warmup)
+    res["ratio_project_to_baseline"] = base / proj
+    dump()
+    print(f"baseline ({res['runs']['baseline']['name']}): {tokens / base:10.0f} tokens/s")
+    print(f"project  ({res['runs']['project']['name']}): {tokens / proj:10.0f} tokens/s")
     print(f"ratio project/baseline: {base / proj:.2f}x")
 
 
@@ -162,6 +197,10 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2, help="full-length warm-up calls before timing")
+    ap.add_argument("--baseline-warmup", type=int, default=None,
+                    help="--shape: warm-up calls for the dynamic-cache baseline (default --warmup; it compiles nothing)")
+    ap.add_argument("--json", default=None, help="--shape: write the results here")
     a = ap.parse_args()
     if a.scaffold:
         if not a.puzzles:
