@@ -14,7 +14,9 @@ A prediction::
 
     {"assignments": {"c1": "T cell", ...} | null, "answer": [...] | null, "valid": bool,
      "reason": null | "why the answer is not valid", "reasoning": "<think> text",
-     "completion": "raw model text", "mode": "constrained" | "free"}
+     "completion": "raw model text", "mode": "constrained" | "free",
+     "unknown_candidates": [names the model never saw] | null (its tokenizer cannot tell),
+     "warning": "..."}                                        # only with unknown candidates
 
 Errors are :class:`RequestError` with the field path in the message (HTTP 400).
 """
@@ -35,10 +37,19 @@ class RequestError(ValueError):
     """A request the client must fix; the message names the field."""
 
 
+# text the prompt format cannot carry inside a candidate name: the answer separator (labels are
+# split on "|"), line breaks (one candidate per line) and the format's tags
+FORBIDDEN_IN_NAMES = ("|", "\n", "\r", "<think>", "</think>", "<answer>", "</answer>")
+
+
 @dataclass
 class Limits:
+    """What one request may hold (ServeOptions sets them; 400 naming the limit above them)."""
+
     max_cells: int = 30
     top_k: int = DEFAULT_TOP_K  # genes kept from raw expression (the model's genes per cell)
+    max_instances: int | None = None  # per request (None: no limit)
+    max_genes: int | None = None  # per cell, ranked list or expression map (None: no limit)
 
 
 @dataclass
@@ -83,6 +94,11 @@ def _genes(cell: dict, where: str, limits: Limits) -> list[str]:
     has_genes, has_expr = "genes" in cell, "expression" in cell
     if has_genes == has_expr:
         raise RequestError(f"{where}: give exactly one of 'genes' (ranked list) or 'expression' (gene -> value)")
+    field = "expression" if has_expr else "genes"
+    n = len(cell[field]) if isinstance(cell[field], (list, dict)) else 0
+    if limits.max_genes is not None and n > limits.max_genes:
+        raise RequestError(f"{where}.{field}: {n} genes is above the limit of {limits.max_genes} (--max-genes); "
+                           "send the top-ranked genes only")
     if has_expr:
         return top_genes(cell["expression"], limits.top_k, f"{where}.expression")
     genes = cell["genes"]
@@ -117,6 +133,11 @@ def parse_instance(raw, where: str, limits: Limits, default_mode: str) -> Instan
     for j, c in enumerate(cands):
         if not isinstance(c, str) or not c.strip():
             raise RequestError(f"{where}.candidates[{j}]: expected a non-empty string")
+        bad = next((x for x in FORBIDDEN_IN_NAMES if x in c), None)
+        if bad is not None:
+            raise RequestError(f"{where}.candidates[{j}]: contains {bad!r}, which the answer format cannot carry "
+                               "(labels are separated by '|', one candidate per line, <think>/<answer> tags); "
+                               "rename the candidate")
         key = c.strip().lower()
         if key in seen:
             raise RequestError(f"{where}.candidates[{j}]: duplicate of candidates[{seen[key]}] ({c!r})")
@@ -148,7 +169,14 @@ def parse_instances(body, limits: Limits, default_mode: str) -> list[Instance]:
     instances = body.get("instances")
     if not isinstance(instances, list) or not instances:
         raise RequestError("instances: missing or empty; send {\"instances\": [{context, cells, candidates}, ...]}")
+    check_count(len(instances), "instances", limits)
     return [parse_instance(x, f"instances[{i}]", limits, mode) for i, x in enumerate(instances)]
+
+
+def check_count(n: int, where: str, limits: Limits) -> None:
+    if limits.max_instances is not None and n > limits.max_instances:
+        raise RequestError(f"{where}: {n} instances is above the limit of {limits.max_instances} per request "
+                           "(--max-instances); split them over several requests")
 
 
 @dataclass

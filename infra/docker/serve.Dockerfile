@@ -31,4 +31,5 @@ WORKDIR /home/cellpuzzles
 EXPOSE 8080
 # No HEALTHCHECK: KServe probes the predictor over HTTP (Kubernetes ignores HEALTHCHECK).
 ENTRYPOINT ["cellpuzzles"]
-CMD ["serve", "--model", "/mnt/models", "--port", "8080"]
+# --host 0.0.0.0: reachable from outside the container (cellpuzzles serve binds 127.0.0.1 by default)
+CMD ["serve", "--model", "/mnt/models", "--port", "8080", "--host", "0.0.0.0"]

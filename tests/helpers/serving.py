@@ -83,3 +83,59 @@ def post(url: str, body, headers: dict | None = None, timeout: float = 120) -> t
             return e.code, json.loads(raw)
         except ValueError:
             return e.code, {"raw": raw.decode(errors="replace")}
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """The sum of a Prometheus series on the server's /metrics over the samples with these labels."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class RawClient:
+    """A deliberately bad HTTP client on a plain socket: sends what it is told, when it is told."""
+
+    def __init__(self, port: int, timeout: float = 30):
+        import socket
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def send(self, data: bytes) -> RawClient:
+        self.sock.sendall(data)
+        return self
+
+    def post_head(self, path: str, length: int, extra: bytes = b"") -> RawClient:
+        return self.send(b"POST %s HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n%s\r\n" % (path.encode(), length, extra))
+
+    def response(self) -> tuple[int, bytes, bool]:
+        """(status, body, closed): reads until the server closes the connection or the
+        announced body is complete."""
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed before a response: {buf[:200]!r}")
+            buf += chunk
+        head, body = buf.split(b"\r\n\r\n", 1)
+        status = int(head.split(b" ", 2)[1])
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                       if line.lower().startswith(b"content-length:")), None)
+        while length is None or len(body) < length:  # no length: the body ends when the server closes
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return status, body, True
+            body += chunk
+        try:
+            closed = self.sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        return status, body, closed
+
+    def close(self) -> None:
+        self.sock.close()

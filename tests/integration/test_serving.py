@@ -17,7 +17,7 @@ import pytest
 
 from helpers.cli import run_cli
 from helpers.models import as_scaffold_model, build_world
-from helpers.serving import Server, instance, post, status
+from helpers.serving import Server, instance, metric, post, status
 
 pytestmark = pytest.mark.slow  # every test needs the model world and/or a server subprocess (seconds each)
 
@@ -204,22 +204,8 @@ def test_bearer_token_is_required_but_health_and_metrics_stay_open(server, world
         assert status(server.url + path) == 200, path
 
 
-def _metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def _metrics(server) -> str:
-    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
 def test_concurrent_requests_are_decoded_in_batches(server, world):
-    before = _metrics(server)
+    before = metric(server.url, "cellpuzzles_batch_size_sum"), metric(server.url, "cellpuzzles_batch_size_count")
     puzzles = world["test"][:8]
     codes = []
 
@@ -232,10 +218,9 @@ def test_concurrent_requests_are_decoded_in_batches(server, world):
         t.start()
     for t in threads:
         t.join()
-    after = _metrics(server)
     assert codes == [200] * 8
-    n_instances = _metric(after, "cellpuzzles_batch_size_sum") - _metric(before, "cellpuzzles_batch_size_sum")
-    n_batches = _metric(after, "cellpuzzles_batch_size_count") - _metric(before, "cellpuzzles_batch_size_count")
+    n_instances = metric(server.url, "cellpuzzles_batch_size_sum") - before[0]
+    n_batches = metric(server.url, "cellpuzzles_batch_size_count") - before[1]
     assert n_instances == 8
     assert n_batches < 8  # some instances shared a decode
 
@@ -244,17 +229,18 @@ def test_metrics_count_requests_by_route_and_status(server, world):
     v1(server, [instance(world["test"][0])])
     post(server.url + "/v1/models/cellpuzzles:predict", {"instances": [{}]}, AUTH)
     post(server.url + "/v1/models/cellpuzzles:predict", {"instances": [{}]}, {})  # no token: 401
-    text = _metrics(server)
-    assert _metric(text, "cellpuzzles_requests_total", route="v1_predict", status="200") >= 1
-    assert _metric(text, "cellpuzzles_requests_total", route="v1_predict", status="400") >= 1
-    assert _metric(text, "cellpuzzles_requests_total", route="v1_predict", status="401") >= 1
-    assert _metric(text, "cellpuzzles_request_seconds_count", route="v1_predict") >= 3
-    assert _metric(text, "cellpuzzles_instances_total", mode="constrained", valid="true") >= 1
-    assert _metric(text, "request_predict_seconds_count", model_name="cellpuzzles") >= 1  # KServe's own
+    url = server.url
+    assert metric(url, "cellpuzzles_requests_total", route="v1_predict", status="200") >= 1
+    assert metric(url, "cellpuzzles_requests_total", route="v1_predict", status="400") >= 1
+    assert metric(url, "cellpuzzles_requests_total", route="v1_predict", status="401") >= 1
+    assert metric(url, "cellpuzzles_request_seconds_count", route="v1_predict") >= 3
+    assert metric(url, "cellpuzzles_instances_total", mode="constrained", valid="true") >= 1
+    assert metric(url, "request_predict_seconds_count", model_name="cellpuzzles") >= 1  # KServe's own
 
 
 def test_transformer_in_front_of_an_openai_predictor(server, world):
-    t = Server(["serve-transformer", "--predictor-url", server.url, "--genes-per-cell", "8"],
+    t = Server(["serve-transformer", "--predictor-url", server.url, "--model-dir", str(world["folder"]),
+                "--constrained-by", "repair"],
                world["root"] / "transformer.log", env={"CELLPUZZLES_PREDICTOR_TOKEN": TOKEN,
                                                        "CELLPUZZLES_API_TOKEN": ""})
     try:
@@ -321,6 +307,7 @@ def test_a_model_that_fails_to_load_stops_the_server_with_one_line(world, tmp_pa
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --model {broken}") and "Traceback" not in r.stderr
+    assert last.count("--model") == 1  # said once, not "--model X: --model X: ..."
 
 
 def test_scaffold_model_answers_constrained_requests_from_its_type_slots(world, tmp_path):

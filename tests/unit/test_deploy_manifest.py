@@ -45,7 +45,9 @@ def test_render_vllm_predictor_with_project_transformer():
     (c,) = m["spec"]["transformer"]["containers"]
     assert c["image"] == SERVE_IMAGE
     assert c["command"] == ["cellpuzzles", "serve-transformer", "--predictor-url", "http://cp-predictor.ml/openai/v1",
-                            "--port", "8080"]
+                            "--model-dir", "/mnt/models", "--port", "8080"]
+    # the transformer reads the served model's tokenizer and prompt options from the same storageUri
+    assert c["env"] == [{"name": "STORAGE_URI", "value": "s3://bkt/model"}]
     assert "nvidia.com/gpu" not in c["resources"]["limits"] and m["spec"]["transformer"]["maxReplicas"] == 3
     assert obj.spec.transformer.containers[0].command[1] == "serve-transformer"
     assert render_inference_service("cp", "s3://b/m", runtime="vllm")["spec"]["predictor"]["model"]["resources"][
@@ -76,3 +78,37 @@ def test_storage_uri_mapping(monkeypatch):
         storage_uri_for("file:///tmp/model")
     monkeypatch.setenv("CELLPUZZLES_ARTIFACT_STORE", "gs://g/root")
     assert storage_uri_for(src) == "gs://g/root/1/abc/artifacts/model"
+
+
+def _validate_container(container: dict) -> None:
+    """A rendered container (ISVC model keys dropped) against the Kubernetes schema, as a core PodTemplate."""
+    import kubernetes_validate
+
+    plain = {k: v for k, v in container.items() if k not in ("modelFormat", "runtime", "storageUri")}
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"},
+                                  "template": {"spec": {"containers": [plain]}}}, "1.33.0", strict=True)
+
+
+def test_project_containers_carry_readiness_and_liveness_probes_like_the_serving_runtime():
+    """The rendered predictor (and the vLLM topology's transformer) probe /v2/health/ready (200 only
+    once the model is loaded) and /v2/health/live, exactly as serving/serving-runtime.yaml does;
+    the containers validate against the Kubernetes schema and round-trip through the KServe SDK."""
+    import kubernetes_validate
+    import yaml
+
+    from cellpuzzles.release.deploy import SERVE_PORT
+
+    from helpers.paths import ROOT
+
+    runtime = yaml.safe_load((ROOT / "serving" / "serving-runtime.yaml").read_text())
+    want = {k: runtime["spec"]["containers"][0][k] for k in ("readinessProbe", "livenessProbe")}
+    assert want["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": SERVE_PORT}
+    assert want["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": SERVE_PORT}
+
+    cpu, vllm = render_inference_service("cp", "s3://b/m"), render_inference_service("cp", "s3://b/m", runtime="vllm")
+    roundtrip(cpu), roundtrip(vllm)
+    for container in (cpu["spec"]["predictor"]["model"], vllm["spec"]["transformer"]["containers"][0]):
+        assert {k: container[k] for k in want} == want
+        _validate_container(container)
+    with pytest.raises(kubernetes_validate.ValidationError):  # the check does catch a broken probe
+        _validate_container(dict(cpu["spec"]["predictor"]["model"], readinessProbe={"httpGet": {"path": "/x"}}))

@@ -40,7 +40,7 @@ NAMESPACE = "cellpuzzles"
 CORE_KINDS = {"Namespace", "Deployment", "Service", "PersistentVolumeClaim", "StatefulSet", "ServiceAccount",
               "Role", "RoleBinding", "Secret", "ConfigMap"}
 CRD_KINDS = {"ServingRuntime", "PyTorchJob"}
-SERVE_COMMAND = ["cellpuzzles", "serve", "--model", "/mnt/models", "--port", "8080"]
+SERVE_COMMAND = ["cellpuzzles", "serve", "--model", "/mnt/models", "--port", "8080", "--host", "0.0.0.0"]
 # Variables the Training Operator (v1.7+) puts in every PyTorchJob container (no elasticPolicy).
 PYTORCHJOB_ENV = {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "PET_NNODES", "PET_NODE_RANK",
                   "PET_NPROC_PER_NODE", "PYTHONUNBUFFERED"}

@@ -36,6 +36,12 @@ MLFLOW_ARTIFACTS = "mlflow-artifacts:/"
 FETCHABLE = ("s3://", "gs://", "pvc://", "hf://", "https://", "http://", "hdfs://", "oci://")
 ARTIFACT_STORE_ENV = "CELLPUZZLES_ARTIFACT_STORE"
 VERSION_LABEL = "cellpuzzles.io/model-version"
+SERVE_PORT = 8080  # the project's server containers (serving/serving-runtime.yaml, the vLLM topology's transformer)
+# probes of the project's containers (serving/serving-runtime.yaml carries the same; a test compares):
+# ready only once the model is loaded (/v2/health/ready), alive while it loads (/v2/health/live)
+READINESS = {"path": "/v2/health/ready", "period_seconds": 5, "timeout_seconds": 2, "failure_threshold": 3}
+LIVENESS = {"path": "/v2/health/live", "initial_delay_seconds": 10, "period_seconds": 15, "timeout_seconds": 5,
+            "failure_threshold": 4}
 
 
 @dataclass
@@ -75,6 +81,7 @@ class DeployResult:
     ready: bool | None = None
     rolled_back_to: str | None = None
     message: str = ""
+    warning: str = ""  # e.g. a manifest rendered for inspection only (KServe could not fetch its storageUri)
 
 
 def storage_uri_for(source: str, artifact_store: str | None = None) -> str:
@@ -107,6 +114,17 @@ def _check(service: str, runtime: str, gpus: int, min_replicas: int, max_replica
         raise CellPuzzlesError(f"--canary-traffic-percent {canary}: must be between 0 and 100")
 
 
+def serving_probes() -> dict:
+    """readiness_probe and liveness_probe (V1Probe) for a container running the project's server."""
+    from kubernetes import client as k8s
+
+    def probe(spec: dict):
+        spec = dict(spec)
+        return k8s.V1Probe(http_get=k8s.V1HTTPGetAction(path=spec.pop("path"), port=SERVE_PORT), **spec)
+
+    return {"readiness_probe": probe(READINESS), "liveness_probe": probe(LIVENESS)}
+
+
 def _resources(cpu: str, memory: str, gpus: int):
     from kubernetes import client as k8s
 
@@ -134,7 +152,8 @@ def build_inference_service(service: str, storage_uri: str, *, namespace: str = 
         model = vllm_predictor_model(storage_uri, res)
     else:
         model = kserve.V1beta1ModelSpec(name="kserve-container", model_format=kserve.V1beta1ModelFormat(name=MODEL_FORMAT),
-                                        runtime=RUNTIME_NAME, image=SERVE_IMAGE, storage_uri=storage_uri, resources=res)
+                                        runtime=RUNTIME_NAME, image=SERVE_IMAGE, storage_uri=storage_uri, resources=res,
+                                        **serving_probes())
     placement = {}
     if gpus:
         placement = {"node_selector": dict(GPU_NODE_SELECTOR), "tolerations": [k8s.V1Toleration(**GPU_TOLERATION)]}
@@ -144,7 +163,9 @@ def build_inference_service(service: str, storage_uri: str, *, namespace: str = 
     transformer = None
     if runtime == "vllm":
         transformer = transformer_spec(service, namespace, SERVE_IMAGE, _resources("1", "2Gi", 0),
-                                       min_replicas, max_replicas, service_account)
+                                       min_replicas, max_replicas, service_account, storage_uri=storage_uri)
+        for c in transformer.containers:  # the project's server: the same probes (vLLM's come from KServe's runtime)
+            c.readiness_probe, c.liveness_probe = serving_probes().values()
     return kserve.V1beta1InferenceService(
         api_version=f"{kserve.constants.KSERVE_GROUP}/{kserve.constants.KSERVE_V1BETA1_VERSION}",
         kind=kserve.constants.KSERVE_KIND_INFERENCESERVICE,
@@ -214,14 +235,23 @@ def apply_and_wait(kc, manifest: dict, timeout_s: float, poll_s: float = 10.0) -
     return True
 
 
-def _render_version(o: DeployOptions, mv, storage_uri: str | None = None) -> tuple[str, dict]:
-    """(storageUri, manifest) of the InferenceService serving version ``mv``."""
-    uri = storage_uri or storage_uri_for(mv.source, o.artifact_store)
+def _render_version(o: DeployOptions, mv, storage_uri: str | None = None) -> tuple[str, dict, str]:
+    """(storageUri, manifest, warning or "") of the InferenceService serving version ``mv``."""
+    note = ""
+    try:
+        uri = storage_uri or storage_uri_for(mv.source, o.artifact_store)
+    except CellPuzzlesError as e:
+        if o.apply:
+            raise
+        # a local run's version (a file path, or the MLflow proxy with no store given): the manifest is
+        # still worth reading, but KServe could not fetch it
+        uri = mv.source
+        note = f"warning: {e}. The manifest is rendered with storageUri {uri} for inspection only."
     manifest = render_inference_service(
         o.service, uri, namespace=o.namespace, runtime=o.runtime, gpus=o.gpus, cpu=o.cpu, memory=o.memory,
         min_replicas=o.min_replicas, max_replicas=o.max_replicas, canary_traffic_percent=o.canary_traffic_percent,
         service_account=o.service_account, labels={VERSION_LABEL: str(mv.version), "cellpuzzles.io/model": o.name})
-    return uri, manifest
+    return uri, manifest, note
 
 
 def deploy(options: DeployOptions) -> DeployResult:
@@ -232,9 +262,9 @@ def deploy(options: DeployOptions) -> DeployResult:
     o = options
     c = client(o.tracking_uri)
     mv = resolve_version(c, o.name, o.version, None if o.version else o.alias)
-    uri, manifest = _render_version(o, mv, o.storage_uri)
+    uri, manifest, note = _render_version(o, mv, o.storage_uri)
     out = write_manifest(manifest, o.out)
-    result = DeployResult(version=str(mv.version), storage_uri=uri, manifest=manifest, out=out)
+    result = DeployResult(version=str(mv.version), storage_uri=uri, manifest=manifest, out=out, warning=note)
     if not o.apply:
         result.message = f"kubectl apply -f {out}"
         return result
@@ -249,7 +279,7 @@ def deploy(options: DeployOptions) -> DeployResult:
     if not prev or prev == str(mv.version):
         raise CellPuzzlesError(f"{what}; no 'previous' version to roll back to; inspect it with "
                                f"`kubectl describe inferenceservice {o.service} -n {o.namespace}`")
-    _, back = _render_version(o, resolve_version(c, o.name, prev))
+    _, back, _ = _render_version(o, resolve_version(c, o.name, prev))
     ok = apply_and_wait(kc, back, o.timeout_s, o.poll_s)
     state = "ready" if ok else f"NOT ready either within {o.timeout_s}s"
     print(f"rolled back {o.namespace}/{o.service} to version {prev} ({state})", file=sys.stderr)
