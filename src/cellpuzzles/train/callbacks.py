@@ -43,8 +43,9 @@ class ValidationAccuracy(TrainerCallback):
     constrained scaffold decoding that serving uses."""
 
     def __init__(self, puzzles: Sequence[Puzzle], tokenizer, logger: MetricsLogger, every: int = 10,
-                 restated_genes: int | None = None):
+                 restated_genes: int | None = None, tokens_per_cell: float | None = None):
         self.puzzles = list(puzzles)
+        self.tokens_per_cell = tokens_per_cell  # the model's free-decoding budget (inference.budget)
         self.tok = tokenizer
         self.logger = logger
         self.every = max(1, every)
@@ -59,7 +60,8 @@ class ValidationAccuracy(TrainerCallback):
         if self.restated_genes:
             completions = constrained_many(model, self.tok, self.puzzles, [""] * len(self.puzzles), self.restated_genes)
         else:
-            completions = generate(model, self.tok, self.puzzles, DecodeOptions(batch_size=len(self.puzzles)))
+            completions = generate(model, self.tok, self.puzzles, DecodeOptions(batch_size=len(self.puzzles),
+                                                                                     tokens_per_cell=self.tokens_per_cell))
         s = score(completions, [p.answer_text for p in self.puzzles], n_boot=0)
         self.logger.record({f"val_{k}": s[k] for k in ("batch_accuracy", "cell_accuracy", "format_ratio", "reward")}, step)
         if was_training:

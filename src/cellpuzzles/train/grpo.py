@@ -71,7 +71,8 @@ def train_grpo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.Path
         model=model, reward_funcs=[cellpuzzles_reward, format_ok], args=cfg, train_dataset=ds,
         processing_class=tok, rollout_func=rollout_func,
         callbacks=[logger, ValidationAccuracy(shown_val, tok, logger, every=opt.eval_steps,
-                                              restated_genes=prompt.restated_genes)],
+                                              restated_genes=prompt.restated_genes,
+                                              tokens_per_cell=prompt.tokens_per_cell)],
     )
     start = latest_checkpoint(ckpt) if opt.resume else None
     trainer.train(resume_from_checkpoint=str(start[0]) if start else None)

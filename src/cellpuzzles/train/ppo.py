@@ -316,7 +316,8 @@ def train_ppo(train: list[Puzzle], val: list[Puzzle], model_path: str | os.PathL
         args=cfg, processing_class=tok, model=model, ref_model=ref, reward_model=reward_model,
         train_dataset=ds, value_model=value,
         callbacks=[_StartAt(done, opt.max_steps), _SaveValue(), logger, _RewardStats(reward_model, logger),
-                   _PolicyValidation(shown_val, tok, logger, every=opt.eval_steps, restated_genes=prompt.restated_genes)],
+                   _PolicyValidation(shown_val, tok, logger, every=opt.eval_steps, restated_genes=prompt.restated_genes,
+                                     tokens_per_cell=prompt.tokens_per_cell)],
     )
     if start:
         try:
