@@ -1,3 +1,12 @@
 """CellPuzzles: data, reward, training, gating and serving for batch-level cell-type annotation."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # cellpuzzles.annotate(adata, ...): imported on first use, so `import cellpuzzles` stays light
+    if name == "annotate":
+        import importlib
+
+        return importlib.import_module("cellpuzzles.annotate")  # a callable module (see its __init__)
+    raise AttributeError(f"module 'cellpuzzles' has no attribute {name!r}")

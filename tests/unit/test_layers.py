@@ -8,7 +8,7 @@ from pathlib import Path
 from helpers.paths import ROOT
 
 RANK = {"core": 0, "task": 1, "data": 2, "inference": 2, "distill": 3, "train": 3, "evaluation": 3,
-        "release": 4, "steps": 5, "components": 6, "pipelines": 7, "cli": 8}
+        "release": 4, "annotate": 4, "steps": 5, "components": 6, "pipelines": 7, "cli": 8}
 SERVING_MAY_USE = {"core", "task", "inference", "serving"}
 
 
