@@ -21,7 +21,8 @@ def cmd_serve_transformer(a) -> int:
 
     return serve_transformer(TransformerOptions(
         predictor_url=a.predictor_url, port=a.port, predictor_model=a.predictor_model, mode=a.mode,
-        max_cells=a.max_cells, max_body_bytes=a.max_body_bytes, timeout_s=a.timeout, genes_per_cell=a.genes_per_cell))
+        max_cells=a.max_cells, max_body_bytes=a.max_body_bytes, timeout_s=a.timeout, model_dir=a.model_dir,
+        constrained_by=a.constrained_by))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -42,8 +43,12 @@ def add_commands(sub) -> None:
     p.add_argument("--predictor-url", required=True,
                    help="predictor base URL, e.g. http://model-predictor (its /openai/v1/chat/completions is called)")
     p.add_argument("--predictor-model", default="cellpuzzles", help="model name at the predictor (default cellpuzzles)")
-    p.add_argument("--genes-per-cell", type=int, default=50,
-                   help="genes kept per cell from raw expression and ranked lists (default 50)")
+    p.add_argument("--model-dir", default="",
+                   help="the served model folder or models:/NAME@ALIAS (KServe: /mnt/models): its tokenizer and "
+                        "prompt options (cellpuzzles.json)")
+    p.add_argument("--constrained-by", choices=["scores", "repair"], default="scores",
+                   help="constrained mode: score every candidate per slot from the predictor's prompt logprobs "
+                        "(vLLM), or 'repair' the free answer (fallback for predictors without prompt logprobs)")
     p.add_argument("--predictor-timeout", dest="timeout", type=float, default=300.0,
                    help="seconds to wait for the predictor per request")
     _common(p)

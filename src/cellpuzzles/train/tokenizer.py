@@ -2,9 +2,14 @@
 
 Pieces are the puzzle format's own units: each gene symbol, each cell-type name, "Cell k",
 the delimiters (", ", " | ", ": ", "\\n", ...), and whole fixed phrases (the system
-message, the match line) as single tokens. Decoding concatenates pieces, so
-``decode(encode(text)) == text`` for any text made of known pieces: completions decode
-exactly for the reward. The chat template is ChatML.
+message, the match line) as single tokens. The chat template is ChatML.
+
+It is saved as what the model's config says it is, a ``Qwen2Tokenizer``, so that plain
+``AutoTokenizer`` (and vLLM, KServe's runtime, TRL scripts) rebuild exactly this tokenizer:
+the byte-level BPE has the 256 byte symbols and no merges, and every word-level piece is an
+added (non-special) token, matched leftmost-longest before the BPE runs. Text made of known
+pieces therefore gets one id per piece, as a word-level tokenizer would; unknown text falls
+back to bytes instead of ``<|unk|>``, so ``decode(encode(text)) == text`` for any text.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
 
 from cellpuzzles.task.puzzle import MATCH_LINE, SYSTEM_MSG
 
 PAD, UNK, BOS, EOS = "<|pad|>", "<|unk|>", "<|im_start|>", "<|im_end|>"
+SPECIALS = (PAD, UNK, BOS, EOS)
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 DELIMITER_PIECES = ("\n", ", ", " | ", ": ", "; ", ". ", " -> ", " taken by ")
 DELIMITERS = "|".join(re.escape(d) for d in DELIMITER_PIECES)
@@ -27,25 +33,40 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
 )
+BYTES = pre_tokenizers.ByteLevel.alphabet()
+
+
+def word_pieces(texts: Iterable[str], cell_types: Iterable[str], genes: Iterable[str] = ()) -> list[str]:
+    """Every piece of ``texts`` split at the delimiters, plus the given genes, the fixed
+    phrases and the cell-type names, most frequent first (specials excluded)."""
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(DELIMITERS), behavior="isolated")
+    phrases = [SYSTEM_MSG, MATCH_LINE, *TAGS, *sorted(set(cell_types), key=lambda s: (-len(s), s))]
+    tok.add_tokens([AddedToken(p, normalized=False) for p in phrases])
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIALS), min_frequency=1, show_progress=False)
+    seed = [*DELIMITER_PIECES, "system", "user", "assistant", "Context", *(f"Cell {k}" for k in range(1, MAX_CELLS + 1))]
+    tok.train_from_iterator([*texts, "\n".join(seed), *(f"{g}\n" for g in genes)], trainer=trainer)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    return [p for p in sorted(vocab, key=vocab.__getitem__) if p not in SPECIALS]
+
+
+def _decodes_verbatim(piece: str) -> bool:
+    """The byte-level decoder maps a token made only of byte symbols symbol by symbol; that is
+    the text itself only for printable ASCII. Other such pieces are left to the byte fallback."""
+    return any(c not in BYTES for c in piece) or all(33 <= ord(c) <= 126 for c in piece)
 
 
 def train_tokenizer(texts: Iterable[str], cell_types: Iterable[str], genes: Iterable[str] = ()):
-    """A ``PreTrainedTokenizerFast`` whose vocabulary is every piece of ``texts`` plus the
-    given genes; cell-type names and fixed phrases are single tokens."""
-    from transformers import PreTrainedTokenizerFast
+    """A ``Qwen2Tokenizer`` whose pieces are every piece of ``texts`` plus the given genes;
+    cell-type names and fixed phrases are single tokens."""
+    from transformers import Qwen2Tokenizer
 
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(DELIMITERS), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD, UNK, BOS, EOS)])
-    phrases = [SYSTEM_MSG, MATCH_LINE, *TAGS, *sorted(set(cell_types), key=lambda s: (-len(s), s))]
-    tok.add_tokens([AddedToken(p, normalized=False) for p in phrases])
-    trainer = trainers.WordLevelTrainer(special_tokens=[PAD, UNK, BOS, EOS], min_frequency=1, show_progress=False)
-    seed = [*DELIMITER_PIECES, "system", "user", "assistant", "Context", *(f"Cell {k}" for k in range(1, MAX_CELLS + 1))]
-    tok.train_from_iterator([*texts, "\n".join(seed), *(f"{g}\n" for g in genes)], trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS,
-        model_max_length=4096, padding_side="left",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    base = {t: i for i, t in enumerate(SPECIALS)}
+    for b in BYTES:
+        base.setdefault(b, len(base))
+    tok = Qwen2Tokenizer(vocab=base, merges=[], unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                         model_max_length=4096, padding_side="left")
+    pieces = [p for p in word_pieces(texts, cell_types, genes) if p not in base and _decodes_verbatim(p)]
+    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in pieces])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

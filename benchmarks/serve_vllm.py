@@ -1,0 +1,182 @@
+"""`cellpuzzles serve` against vLLM + `cellpuzzles serve-transformer` (the production topology),
+constrained mode, the same requests, the same run: requests/s and p50/p99 latency at
+concurrency 1 and 16, the ratio of the two, and how often their answers agree.
+
+    python benchmarks/serve_vllm.py [--model FOLDER] [--requests 32]
+
+Without --model, the pipeline's path is taken in miniature: bundled PBMC data -> puzzles ->
+markers traces (scaffolds) -> the tiny model (project default size) -> a short SFT. vLLM runs
+from its own venv (tests/helpers/vllm.py: $CELLPUZZLES_VLLM_VENV or .venv-vllm, built when
+missing). All traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the vLLM venv and server launcher the tests use
+
+from helpers.net import free_port  # noqa: E402
+from helpers.vllm import VLLMServer  # noqa: E402
+
+PREDICT = "/v1/models/cellpuzzles:predict"
+
+
+def build_model(root: Path, steps: int):
+    from cellpuzzles.data.bundled import materialise
+    from cellpuzzles.data.cells import CellsOptions, build_cells
+    from cellpuzzles.data.sample import PuzzleOptions, make_splits
+    from cellpuzzles.distill.teachers.markers import MarkersTeacher
+    from cellpuzzles.distill.traces import DistillOptions, distill, read_traces
+    from cellpuzzles.inference.folder import PromptOptions
+    from cellpuzzles.train.sft import SFTOptions, sft
+    from cellpuzzles.train.tiny import TinyConfig, build_tiny
+
+    cells = build_cells(materialise(root / "data"), CellsOptions(progress=False))
+    splits, _ = make_splits(cells, PuzzleOptions(n_min=3, n_max=8, train_per_n=40, test_per_n=20,
+                                                 reasoning_fraction=0.5))
+    distill(splits["reasoning"], MarkersTeacher(splits["train"] + splits["reasoning"]), DistillOptions(),
+            root / "traces.jsonl")
+    pairs = read_traces(root / "traces.jsonl")
+    init = build_tiny([p for p, _ in pairs], [t for _, t in pairs], root / "init", TinyConfig(),
+                      PromptOptions(genes_per_cell=6))
+    return sft(pairs, init, root / "model", SFTOptions(max_steps=steps)), splits["test"]
+
+
+def test_puzzles(root: Path):
+    from cellpuzzles.data.bundled import materialise
+    from cellpuzzles.data.cells import CellsOptions, build_cells
+    from cellpuzzles.data.sample import PuzzleOptions, make_splits
+
+    cells = build_cells(materialise(root / "data"), CellsOptions(progress=False))
+    return make_splits(cells, PuzzleOptions(n_min=3, n_max=8, train_per_n=40, test_per_n=20,
+                                            reasoning_fraction=0.5))[0]["test"]
+
+
+class Proc:
+    """`cellpuzzles ARGS --port P` until stopped."""
+
+    def __init__(self, args: list[str], log: Path, ready: str = "/v2/models/cellpuzzles/ready"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "CELLPUZZLES_API_TOKEN": "", "CELLPUZZLES_PREDICTOR_TOKEN": ""}
+        self.proc = subprocess.Popen([sys.executable, "-m", "cellpuzzles.cli", *args, "--port", str(self.port)],
+                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + ready, timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise SystemExit(f"{args[0]} did not start:\n{log.read_text()[-2000:]}") from None
+                time.sleep(0.3)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def load(url: str, bodies: list[bytes], concurrency: int) -> tuple[dict, list]:
+    """Every body once with `concurrency` clients: the figures and each request's answer."""
+    lat, answers, failed, lock = [], [None] * len(bodies), [0], threading.Lock()
+    todo = iter(range(len(bodies)))
+
+    def client():
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                req = urllib.request.Request(url + PREDICT, data=bodies[i], headers={"content-type": "application/json"})
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    pred = json.loads(r.read())["predictions"][0]
+                answers[i] = pred["answer"] if pred.get("valid") else None
+            except (OSError, ValueError, KeyError):
+                pass
+            with lock:
+                lat.append(time.perf_counter() - t0)
+                failed[0] += answers[i] is None
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1000
+    return ({"concurrency": concurrency, "requests": len(lat), "rps": len(lat) / wall,
+             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "failed": failed[0]},
+            answers)
+
+
+def main() -> int:
+    from cellpuzzles.evaluation.endpoint import v1_instance
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a trained model folder (default: a short pipeline run)")
+    ap.add_argument("--requests", type=int, default=32, help="requests per load level")
+    ap.add_argument("--sft-steps", type=int, default=60, help="SFT steps when building the model")
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="serve_vllm."))
+    t0 = time.time()
+    model, puzzles = (Path(a.model), test_puzzles(work)) if a.model else build_model(work, a.sft_steps)
+    print(f"model {model} ({time.time() - t0:.0f} s to prepare); {len(puzzles)} test puzzles, "
+          f"N {min(p.n for p in puzzles)}-{max(p.n for p in puzzles)}; constrained mode; {os.cpu_count()} CPUs")
+    bodies = [json.dumps({"instances": [v1_instance(puzzles[i % len(puzzles)], "constrained")]}).encode()
+              for i in range(a.requests)]
+
+    rows, answers = [], {}
+    vllm = VLLMServer(model, work / "vllm.log")
+    try:
+        serve = Proc(["serve", "--model", str(model)], work / "serve.log")
+        vllm.wait()
+        transformer = Proc(["serve-transformer", "--predictor-url", vllm.base, "--model-dir", str(model)],
+                           work / "transformer.log")
+        try:
+            for name, url in (("cellpuzzles serve", serve.url), ("vLLM + transformer", transformer.url)):
+                load(url, bodies[:2], 2)  # warm-up
+                for c in (1, 16):
+                    row, got = load(url, bodies, c)
+                    rows.append({"server": name, **row})
+                    answers[name, c] = got
+        finally:
+            transformer.stop()
+            serve.stop()
+    finally:
+        vllm.stop()
+
+    print(f"\n{'server':<22}{'conc':>5}{'reqs':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
+    for r in rows:
+        print(f"{r['server']:<22}{r['concurrency']:>5}{r['requests']:>6}{r['rps']:>9.2f}{r['p50_ms']:>9.0f}"
+              f"{r['p99_ms']:>9.0f}{r['failed']:>8}")
+    for c in (1, 16):
+        s, v = (next(r for r in rows if r["server"] == n and r["concurrency"] == c)
+                for n in ("cellpuzzles serve", "vLLM + transformer"))
+        print(f"concurrency {c}: vLLM + transformer / serve throughput {v['rps'] / s['rps']:.2f}x, "
+              f"p50 {v['p50_ms'] / s['p50_ms']:.2f}x")
+    same = sum(x == y and x is not None for x, y in zip(answers["cellpuzzles serve", 16],
+                                                         answers["vLLM + transformer", 16]))
+    print(f"answers identical: {same} / {len(bodies)}")
+    return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Deploy verification against local servers: a real MLflow server holds two versions with
+real evaluations, real `cellpuzzles serve` processes play the new service (the registered
+model, or other weights), and the Kubernetes API is the stand-in (tests/helpers/kube_standin.py:
+no cluster can run here) so the rollback's requests can be checked.
+(The vLLM topology is verified the same way over its V1 route: tests/integration/test_vllm.py.)"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers.cli import run_cli
+from helpers.kube_standin import KubeStandIn
+from helpers.models import SMALL, build_world
+from helpers.serving import Server
+
+pytestmark = pytest.mark.slow  # an MLflow server, two model servers, a model evaluation
+
+
+@pytest.fixture(scope="module")
+def release(mlflow_server, tmp_path_factory):
+    """'ver' v1 (previous) and v2 (champion): the same tiny model and its real constrained
+    evaluation; a server for it and one for a model with other weights."""
+    from mlflow import MlflowClient
+
+    from cellpuzzles.evaluation.evaluate import evaluate_model, read_predictions
+    from cellpuzzles.evaluation.record import write_evaluation
+    from cellpuzzles.inference.folder import PromptOptions
+    from cellpuzzles.release.registry import register
+    from cellpuzzles.task.puzzle import write_puzzles
+    from cellpuzzles.train.tiny import TinyConfig, build_tiny
+
+    root = tmp_path_factory.mktemp("verify")
+    w = build_world(root, genes_per_cell=8, train_per_n=20, test_per_n=4)
+    test = w["splits"]["test"]
+    other = build_tiny([p for p, _ in w["pairs"]], [t for _, t in w["pairs"]], root / "other",
+                       TinyConfig(**SMALL, seed=1), PromptOptions(genes_per_cell=8))
+    res = evaluate_model(w["folder"], test, root / "eval", modes=["constrained"], name="m")
+    preds = read_predictions(root / "eval" / "predictions_m_constrained.jsonl")
+    write_evaluation(root / "eval", "m", test, {"constrained": [preds[p.puzzle_id] for p in test]}, res)
+    c = MlflowClient()
+    for alias in ("previous", "champion"):
+        c.set_registered_model_alias("ver", alias, register(w["folder"], root / "eval", name="ver",
+                                                            data_version="md5-test.dir"))
+    write_puzzles(root / "test.jsonl", test)
+    env = {"CELLPUZZLES_API_TOKEN": ""}
+    servers = {"good": Server(["serve", "--model", str(w["folder"])], root / "good.log", env=env),
+               "bad": Server(["serve", "--model", str(other)], root / "bad.log", env=env)}
+    try:
+        for s in servers.values():
+            s.wait()
+        yield {"root": root, "test": test, "tracking": mlflow_server["uri"], **servers}
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+def test_the_registered_model_passes_and_other_weights_fail(release):
+    from cellpuzzles.evaluation.evaluate import read_predictions
+    from cellpuzzles.evaluation.record import read_evaluation
+    from cellpuzzles.release.verify import VerifyOptions, verify
+
+    record = read_evaluation(release["root"] / "eval")
+    registered = read_predictions(release["root"] / "eval" / "predictions_m_constrained.jsonl")
+    ok = verify(VerifyOptions(url=release["good"].url, sample=8, min_batch_accuracy=0.0), release["test"], record,
+                registered)
+    assert ok.passed and ok.disagreement == 0 and ok.n == 8
+    assert ok.batch_accuracy == pytest.approx(ok.registered_batch_accuracy)
+    bad = verify(VerifyOptions(url=release["bad"].url, sample=8, min_batch_accuracy=0.0), release["test"], record,
+                 registered)
+    assert not bad.passed and bad.disagreement > 0.1 and "answered differently" in bad.reasons[0]
+    floor = verify(VerifyOptions(url=release["good"].url, sample=8, min_batch_accuracy=1.01), release["test"], record,
+                   registered)
+    assert not floor.passed and floor.reasons == [f"served batch accuracy {floor.batch_accuracy:.3f} < the gate's "
+                                                  "floor 1.01"]
+
+
+def test_deploy_rolls_back_a_deployment_that_fails_verification(release, tmp_path):
+    from cellpuzzles.core.errors import CellPuzzlesError
+    from cellpuzzles.release.deploy import DeployOptions, deploy
+    from cellpuzzles.release.verify import VerifyOptions, deploy_checked
+
+    with KubeStandIn() as kube:
+        opts = dict(name="ver", namespace="serving", artifact_store="s3://bkt/ml", apply=True,
+                    kubeconfig=str(kube.kubeconfig(tmp_path / "kubeconfig")), timeout_s=1, poll_s=0.2)
+        live = deploy(DeployOptions(alias="previous", out=str(tmp_path / "v1.yaml"), **opts))
+        assert live.ready and live.version == "1"
+        check = VerifyOptions(url=release["bad"].url, puzzles=str(release["root"] / "test.jsonl"), sample=8)
+        with pytest.raises(CellPuzzlesError, match="answered differently.*rolled back serving/cellpuzzles to the "
+                                                   "previous version 1 \\(ready\\)"):
+            deploy_checked(check, DeployOptions(out=str(tmp_path / "v2.yaml"), **opts))
+        isvc = kube.objects[("serving", "cellpuzzles")]
+        assert isvc["metadata"]["labels"]["cellpuzzles.io/model-version"] == "1"
+        assert [m for m, _, _ in kube.requests if m in ("POST", "PATCH")] == ["POST", "PATCH", "PATCH"]
+
+
+def test_cli_deploy_verify_is_one_line_and_writes_no_rollback_without_apply(release, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": release["tracking"], "CELLPUZZLES_ARTIFACT_STORE": "s3://bkt/ml"}
+    r = run_cli("deploy", "--name", "ver", "--verify", release["bad"].url, "--verify-puzzles",
+                release["root"] / "test.jsonl", "--verify-sample", "6", "--out", tmp_path / "x.yaml", env=env,
+                timeout=300)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "nothing was applied, so nothing was rolled back" in r.stderr and release["bad"].url in r.stderr
+    r = run_cli("deploy", "--name", "ver", "--verify", release["good"].url, "--out", tmp_path / "y.yaml", env=env)
+    assert r.returncode != 0 and "--verify-puzzles" in r.stderr and not (tmp_path / "y.yaml").exists()
