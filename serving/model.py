@@ -45,7 +45,6 @@ from cellpuzzles.serving.protocol import (
     parse_instances,
     prediction,
 )
-from cellpuzzles.task.puzzle import MATCH_LINE
 
 LOAD_DELAY_ENV = "CELLPUZZLES_SERVE_LOAD_DELAY_S"  # tests: hold the load to observe not-ready
 
@@ -62,8 +61,7 @@ class Decoder:
         self.model.eval()
         self.top_k = self.prompt.genes_per_cell or 50
         self.counter = load_tokenizer(folder)
-        added = {t.content for t in self.counter.added_tokens_decoder.values() if not t.special}
-        self.known_names = added if MATCH_LINE in added else None
+        self.known_names = set(self.prompt.cell_types) if self.prompt.cell_types else None
 
     # -- on the event loop (request checks)
     def prompt_tokens(self, puzzle) -> int:
@@ -73,10 +71,9 @@ class Decoder:
                                 add_special_tokens=False)["input_ids"])
 
     def unknown_names(self, names: list[str]) -> list[str] | None:
-        """Candidates the model never saw, or None when its tokenizer cannot tell. A vocabulary
-        built from the training puzzles (cellpuzzles.train.tokenizer: the format's fixed
-        phrases and every training cell type are whole tokens) knows its names exactly; a
-        general tokenizer (byte-level BPE) writes any name, so it cannot say."""
+        """Candidates the model never saw, or None when the folder does not record its training
+        types (``cell_types`` in cellpuzzles.json: written by SFT and by the tiny model's builder;
+        a pretrained folder before SFT has none)."""
         if self.known_names is None:
             return None
         return [n for n in names if n not in self.known_names]

@@ -26,7 +26,8 @@ def cmd_evaluate(a) -> int:
 
         test = read_puzzles(src / "test.jsonl" if src.is_dir() else src)
         modes = a.mode or (["free"] if a.protocol == "openai" else ["free", "constrained"])
-        res = evaluate_endpoint(EndpointOptions(url=a.endpoint, protocol=a.protocol), test, a.out, modes=modes,
+        opt = EndpointOptions(url=a.endpoint, protocol=a.protocol, max_tokens=a.max_new_tokens, model_dir=a.model)
+        res = evaluate_endpoint(opt, test, a.out, modes=modes,
                                 prompt=load_prompt_options(a.model) if a.model else None, seed=a.seed)
         print(format_table(res))
         return 0

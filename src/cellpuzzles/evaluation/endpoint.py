@@ -26,7 +26,7 @@ from cellpuzzles.core import atomic
 from cellpuzzles.core.errors import CellPuzzlesError
 from cellpuzzles.evaluation.compare import score_puzzles
 from cellpuzzles.evaluation.evaluate import write_predictions
-from cellpuzzles.inference.engine_request import GREEDY, free_budget
+from cellpuzzles.inference.engine_request import GREEDY
 from cellpuzzles.inference.folder import PromptOptions
 from cellpuzzles.task.puzzle import Puzzle, format_completion
 
@@ -42,7 +42,8 @@ class EndpointOptions:
     model_name: str = MODEL_NAME  # the served model name on the openai protocol
     concurrency: int = 4
     timeout_s: float = 300.0
-    max_tokens: int | None = None  # openai protocol; None: the servers' free budget (engine_request.free_budget)
+    max_tokens: int | None = None  # openai protocol; None: the model folder's budget (inference.budget; needs model_dir)
+    model_dir: str | None = None  # the served model's folder: prompt options and token budget for the openai protocol
 
     def check(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -51,6 +52,9 @@ class EndpointOptions:
             raise CellPuzzlesError(f"--protocol {self.protocol}: use one of {', '.join(PROTOCOLS)}")
         if self.concurrency < 1:
             raise CellPuzzlesError(f"--concurrency {self.concurrency}: must be at least 1")
+        if self.protocol == "openai" and not (self.max_tokens or self.model_dir):
+            raise CellPuzzlesError("--protocol openai needs --model FOLDER (the served model's prompt options and token "
+                                   "budget) or --max-new-tokens N")
 
 
 def v1_instance(p: Puzzle, mode: str) -> dict:
@@ -74,6 +78,17 @@ class _Client:
         headers = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"} if os.environ.get(TOKEN_ENV) else {}
         self.opt = opt
         self.http = httpx.Client(timeout=opt.timeout_s, headers=headers)
+        self.tok = self.prompt = None
+        if opt.model_dir:
+            from cellpuzzles.inference.folder import load_prompt_options, load_tokenizer
+
+            self.tok, self.prompt = load_tokenizer(opt.model_dir), load_prompt_options(opt.model_dir)
+
+    def budget(self, p: Puzzle) -> int:
+        """New tokens for a free answer: the option, else the model's own budget (as evaluate_model's)."""
+        from cellpuzzles.inference.budget import new_token_budget
+
+        return self.opt.max_tokens or new_token_budget(self.tok, [p], self.prompt.tokens_per_cell)
 
     def post(self, url: str, body: dict) -> dict:
         import httpx
@@ -101,7 +116,7 @@ class _Client:
     def chat(self, p: Puzzle) -> str:
         url = self.opt.url.rstrip("/") + "/chat/completions"
         body = self.post(url, {"model": self.opt.model_name, "messages": p.messages(), **GREEDY,
-                               "max_tokens": self.opt.max_tokens or free_budget(p.n)})
+                               "max_tokens": self.budget(p)})
         try:
             return body["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):

@@ -8,8 +8,3 @@ from __future__ import annotations
 
 GREEDY = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
               frequency_penalty=0.0)
-
-
-def free_budget(n_cells: int) -> int:
-    """New tokens a served free answer may take (``cellpuzzles serve``'s budget)."""
-    return 64 + 32 * n_cells

@@ -8,6 +8,7 @@ evaluation, serving) must apply the same way.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,6 +28,7 @@ class PromptOptions:
     restated_genes: int | None = None  # set when the SFT traces were scaffolds (cellpuzzles.task.scaffold)
     tokens_per_cell: float | None = None  # longest SFT trace per cell, in this tokenizer (inference.budget)
     kind: str = PRETRAINED  # TINY for the built-in default: decides the training defaults (train.presets)
+    cell_types: list[str] | None = None  # the candidate types it was trained on (serving flags others); None: unknown
 
     def apply(self, puzzle: Puzzle) -> Puzzle:
         if self.genes_per_cell is None:
@@ -82,8 +84,15 @@ def load_tokenizer(path: str | os.PathLike):
     cfg_file = p / "tokenizer_config.json"
     declared = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
     if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and type(tok).__name__ != declared:
-        raise CellPuzzlesError(f"--model {p}: tokenizer_config.json declares {declared} but AutoTokenizer builds "
-                               f"{type(tok).__name__}, which tokenizes differently; re-save the folder with this version")
+        # a tiny-model folder written before its tokenizer was saved as the config's own class:
+        # AutoTokenizer rebuilds it as another class that tokenizes differently, so load the saved
+        # tokenizer.json as it is (this loader still serves the folder; other tools need a retrained one)
+        from transformers import PreTrainedTokenizerFast
+
+        logging.getLogger(__name__).warning(
+            "--model %s: an older tiny-model folder (tokenizer saved as %s): loaded as saved; vLLM and plain "
+            "AutoTokenizer cannot load it correctly until it is retrained with this version", p, declared)
+        tok = PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
     if not tok.chat_template:
         raise CellPuzzlesError(f"--model {p}: the tokenizer has no chat template; use an instruct/chat model or add one")
     if tok.pad_token is None:

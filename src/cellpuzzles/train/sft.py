@@ -87,7 +87,8 @@ def sft(pairs: list[tuple[Puzzle, str]], model_path: str | os.PathLike, out: str
     shown = [(prompt.apply(p), t) for p, t in pairs]
     # a model trained on scaffold traces is decoded with the scaffold (cellpuzzles.task.scaffold);
     # free decoding's token budget follows the longest trace per cell in this tokenizer
-    prompt = replace(prompt, restated_genes=restated_genes(shown), tokens_per_cell=tokens_per_cell(tok, shown))
+    prompt = replace(prompt, restated_genes=restated_genes(shown), tokens_per_cell=tokens_per_cell(tok, shown),
+                     cell_types=sorted({*(prompt.cell_types or ()), *(c for p, _ in pairs for c in p.candidates)}))
     use_lora = opt.use_lora
     if use_lora:
         model = lora(model, r=opt.lora_r, alpha=2 * opt.lora_r, seed=opt.seed)

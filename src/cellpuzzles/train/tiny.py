@@ -33,7 +33,7 @@ def build_tiny(puzzles: list[Puzzle], traces: list[str], out_dir: str | os.PathL
     from cellpuzzles.train.tokenizer import train_tokenizer
 
     cfg = config or TinyConfig()
-    prompt = replace(prompt or PromptOptions(), kind=TINY)
+    prompt = replace(prompt or PromptOptions(), kind=TINY, cell_types=sorted({c for p in puzzles for c in p.candidates}))
     shown = [prompt.apply(p) for p in puzzles]
     texts = [f"{p.user_msg}\n{t}" for p, t in zip(shown, traces)]
     texts += [format_completion("", p.answer) for p in shown]
