@@ -25,6 +25,8 @@ from cellpuzzles.core.provenance import provenance
 from cellpuzzles.steps.common import FAILURE_ENV, PROGRESS_ENV
 
 CACHEABLE = ("validate", "puzzles", "distill", "sft", "rl")
+BASELINE_KEYS = ("n", "batch_accuracy", "batch_accuracy_ci", "cell_accuracy", "cell_accuracy_ci", "format_ratio",
+                 "uniqueness", "ci_scheme")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # kfp colours its error messages
 
 
@@ -222,7 +224,8 @@ def collect_summary(job: Path, opt: RunOptions, args: dict, mlflow_uri: str, sec
         "pipeline": {"job": job.name, "folder": str(job), "arguments": args},
         "models": {name: {m: r["metrics"] for m, r in rec["modes"].items()} for name, (_, rec) in records.items()},
         "rl_vs_sft": rl_vs_sft,  # paired on the same test puzzles: batch accuracy of RL minus SFT
-        "baselines": {k: {kk: v[kk] for kk in ("batch_accuracy", "batch_accuracy_ci", "cell_accuracy")}
+        # random, markers, the classical peer (alone, one-to-one) and the input ceiling, same test puzzles
+        "baselines": {k: {kk: v[kk] for kk in BASELINE_KEYS if kk in v}
                       for k, v in json.loads(baselines.read_text()).items()} if baselines and baselines.is_file() else {},
         "evaluation": str(ev_dir) if ev_dir else None,
         "reused_steps": [s for s in CACHEABLE if not (job / s).is_dir()],  # kfp.local cache hits
@@ -244,6 +247,8 @@ def print_result(s: dict, out: Path) -> None:
     if s["reused_steps"]:
         print(f"reused from an earlier run (kfp cache): {', '.join(s['reused_steps'])}")
     rows = {f"{name}/{mode}": m for name, modes in s["models"].items() for mode, m in modes.items()}
+    # beside the tools an analyst would use instead and the ceiling of the model's input (same test puzzles)
+    rows.update({name: m for name, m in s.get("baselines", {}).items() if {"n", "format_ratio", "uniqueness"} <= set(m)})
     if rows:
         print("\n" + format_table(rows))
     for mode, d in s.get("rl_vs_sft", {}).items():

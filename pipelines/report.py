@@ -19,15 +19,22 @@ def _ci(m: dict, key: str) -> str:
 
 
 def results_markdown(summary: dict, source: str) -> str:
+    from cellpuzzles.evaluation.peers import describe
+
     rows = ["| model | decoding | batch accuracy (95% CI) | cell accuracy (95% CI) | format |",
             "|---|---|---|---|---|"]
     for name, m in summary.get("baselines", {}).items():
-        rows.append(f"| {name} (baseline) | — | {_ci(m, 'batch_accuracy')} | {m['cell_accuracy']:.3f} | 1.000 |")
+        rows.append(f"| {name}: {describe(name)} | — | {_ci(m, 'batch_accuracy')} | {_ci(m, 'cell_accuracy')} | 1.000 |")
     for name, modes in summary.get("models", {}).items():
         for mode, m in modes.items():
             rows.append(f"| {name} | {mode} | {_ci(m, 'batch_accuracy')} | {_ci(m, 'cell_accuracy')} | "
                         f"{m['format_ratio']:.3f} |")
+    schemes = {m.get("ci_scheme") for group in (summary.get("baselines", {}), *summary.get("models", {}).values())
+               for m in group.values()} - {None}
     lines = rows + [""]
+    if schemes:
+        lines += [f"Intervals: 95% bootstrap resampling test {' / '.join(sorted(schemes))} "
+                  "(cells: puzzles that share test cells are not independent; see benchmarks/interval_coverage.py).", ""]
     for mode, d in summary.get("rl_vs_sft", {}).items():
         lines.append(f"- RL vs SFT, {mode}: {d['after']:.3f} vs {d['before']:.3f}; paired difference "
                      f"{d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] over {d['n']} test puzzles.")

@@ -31,10 +31,14 @@ def test_register_stores_model_evaluation_tags_alias_and_is_idempotent(mlflow_se
     ps = make_test_set()
     v = add_version(tmp_path, name, "one", ps, set(range(20)))
     mv = c.get_model_version(name, v)
-    assert v == "1" and mv.source.endswith("/model") and mv.source.startswith("mlflow-artifacts:/")
-    files = {a.path for a in c.list_artifacts(mv.run_id, "model")} | {a.path for a in c.list_artifacts(mv.run_id, "evaluation")}
-    assert {"model/config.json", "model/tokenizer.json", "evaluation/evaluation.json",
-            "evaluation/predictions_constrained.jsonl"} <= files
+    assert v == "1" and mv.source.endswith("/artifacts/model") and mv.source.startswith("mlflow-artifacts:/")
+    # the model folder lives in the version's MLflow 3 logged model (its source); the evaluation in the run
+    from mlflow.artifacts import download_artifacts
+
+    folder = Path(download_artifacts(f"models:/{name}/{v}", dst_path=str(tmp_path / "dl")))
+    assert {"config.json", "tokenizer.json", "cellpuzzles.json"} <= {p.name for p in folder.iterdir()}
+    files = {a.path for a in c.list_artifacts(mv.run_id, "evaluation")}
+    assert {"evaluation/evaluation.json", "evaluation/predictions_constrained.jsonl"} <= files
     assert float(mv.tags["metric.constrained.batch_accuracy"]) == 0.5
     assert float(mv.tags["metric.free.format_ratio"]) == 1.0
     assert json.loads(mv.tags["metric.constrained.batch_accuracy_ci"])[0] < 0.5
@@ -168,3 +172,44 @@ def test_cli_exit_codes(mlflow_server, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
     r = run_cli("gate", cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: MLflow tracking server") and "unreachable" in r.stderr
+
+
+def test_version_page_carries_the_model_card_logged_model_metrics_and_dataset(mlflow_server, tmp_path):
+    """What a reviewer sees on a real server: the card as the version's description (pending,
+    then the gate's decision with the comparison), metrics linked to an MLflow 3 logged model
+    and to the test set, the test set as the run's dataset input, a signature, and an
+    experiment that opens on its runs."""
+    c, name = client(mlflow_server), "card"
+    ps = make_test_set()
+    ev = write_eval(tmp_path / "e", ps, set(range(30)))
+    m = {"batch_accuracy": 0.84, "batch_accuracy_ci": [0.7, 0.95], "cell_accuracy": 0.94,
+         "by_n": {"3": {"batch_accuracy": 0.9}, "4": {"batch_accuracy": 0.85}, "5": {"batch_accuracy": 0.8}}}
+    (ev / "baselines.json").write_text(json.dumps({"random": {**m, "batch_accuracy": 0.02}, "logreg_1to1": m,
+                                                   "ceiling_top6": {**m, "batch_accuracy": 0.43}}))
+    v = register(write_model(tmp_path / "m"), ev, name=name, data_version="md5-card.dir")
+    mv = c.get_model_version(name, v)
+    assert mv.description.startswith(f"# {name} version {v}") and "Decision: pending" in mv.description
+    assert "| classical peer: logistic regression on expression, one-to-one | 0.840 [0.700, 0.950]" in mv.description
+    assert "input ceiling: logistic regression on the top 6 gene names" in mv.description  # the model shows 6 genes
+    assert "md5-card.dir" in mv.description and f"cellpuzzles deploy --name {name} --version {v}" in mv.description
+
+    # MLflow 3: the version links a logged model whose metrics name the test set
+    lm = c.get_logged_model(mv.tags["logged_model_id"])
+    assert mv.source == f"{lm.artifact_location}/model" and lm.source_run_id == mv.run_id
+    got = {x.key: x for x in lm.metrics}
+    assert got["constrained/batch_accuracy"].value == 0.75 and got["constrained/batch_accuracy"].dataset_name == "test"
+    assert "constrained/batch_accuracy_ci_lo" in got and lm.params.get("prompt.genes_per_cell") == "6"
+    run = c.get_run(mv.run_id)
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["test"]
+    assert run.inputs.dataset_inputs[0].dataset.digest == json.loads((ev / "evaluation.json").read_text())["test_sha256"][:16]
+    from mlflow.artifacts import download_artifacts
+
+    mlmodel = Path(download_artifacts(f"{lm.artifact_location}/MLmodel", dst_path=str(tmp_path / "lm")))
+    assert "signature" in mlmodel.read_text() and "candidates" in mlmodel.read_text()
+    assert c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    d = gate(name, v, GateOptions())  # no champion: passes on the floors; the card now says so
+    after = c.get_model_version(name, v).description
+    assert d.passed and "Decision: PASS" in after and "Decision: pending" not in after
+    n3 = json.loads((ev / "evaluation.json").read_text())["modes"]["constrained"]["by_n"]["3"]["batch_accuracy"]
+    assert "Batch accuracy by N" in after and f"| 3 | {n3:.3f} | 0.900 | 0.900 | 0.900 |" in after  # vs peer, ceiling, random

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from cellpuzzles.core import atomic
 from cellpuzzles.core.errors import CellPuzzlesError
 from cellpuzzles.core.records import read_jsonl, write_jsonl
+from cellpuzzles.evaluation.compare import score_puzzles
 from cellpuzzles.task.puzzle import Puzzle, read_puzzles
-from cellpuzzles.task.reward import score
 from cellpuzzles.task.solvers import complete_all, make_solver
 
 
@@ -42,7 +43,7 @@ def score_predictions(puzzles: Sequence[Puzzle], preds: dict[str, str], seed: in
             "score them against the right split"
         )
     completions = [preds.get(p.puzzle_id, "") for p in puzzles]
-    result = score(completions, [p.answer_text for p in puzzles], seed=seed)
+    result = score_puzzles(puzzles, completions, seed=seed)  # intervals resample test cells
     result["missing"] = sum(p.puzzle_id not in preds for p in puzzles)
     return result
 
@@ -61,7 +62,7 @@ def evaluate_solver(
     """Fit a solver on train puzzles only, complete the test puzzles, score them."""
     solver = make_solver(name, seed).fit(train)
     completions = complete_all(solver, test)
-    result = score(completions, [p.answer_text for p in test], seed=seed)
+    result = score_puzzles(test, completions, seed=seed)
     if out_dir is not None:
         out = Path(out_dir)
         write_predictions(out / f"predictions_{name}.jsonl", test, completions)
@@ -102,7 +103,10 @@ def evaluate_model(
     free = [""] * len(shown)
     if "free" in modes or not prompt.restated_genes:  # the scaffold needs no free text
         bar = tqdm(total=len(shown), desc=f"decode {name}", leave=False, disable=not os.isatty(2))
-        free = generate(model, tok, shown, decode or DecodeOptions(seed=seed), progress=bar.update)
+        dec = decode or DecodeOptions(seed=seed)
+        if dec.tokens_per_cell is None:  # the budget the model's own traces need (inference.budget)
+            dec = replace(dec, tokens_per_cell=prompt.tokens_per_cell)
+        free = generate(model, tok, shown, dec, progress=bar.update)
         bar.close()
     results: dict[str, dict] = {}
     for mode in modes:
@@ -112,7 +116,7 @@ def evaluate_model(
             completions = constrained_many(model, tok, shown, free, prompt.restated_genes)
         else:
             raise CellPuzzlesError(f"unknown decoding mode {mode!r}; use free or constrained")
-        results[mode] = score(completions, [p.answer_text for p in test], seed=seed)
+        results[mode] = score_puzzles(test, completions, seed=seed)
         if out_dir is not None:
             out = Path(out_dir)
             write_predictions(out / f"predictions_{name}_{mode}.jsonl", test, completions)
