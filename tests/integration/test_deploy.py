@@ -55,7 +55,13 @@ def test_cli_deploy(two_versions, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": two_versions["uri"]}
     env.pop("CELLPUZZLES_ARTIFACT_STORE", None)
     cli = ["deploy", "--name", "dep"]
+    # a source KServe cannot fetch (the MLflow proxy, no store given): rendered for inspection, with
+    # a one-line warning; applying it is refused
     r = run_cli(*cli, "--out", "x.yaml", cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0 and "--artifact-store" in r.stderr and "for inspection only" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (tmp_path / "x.yaml").is_file()
+    (tmp_path / "x.yaml").unlink()
+    r = run_cli(*cli, "--out", "x.yaml", "--apply", cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 2 and "--artifact-store" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.yaml").exists()
     r = run_cli(*cli, "--runtime", "vllm", "--artifact-store", "s3://bkt/ml", "--gpus", "1", "--canary-traffic-percent",

@@ -197,7 +197,7 @@ def test_the_pipeline_runs_end_to_end_with_a_pretrained_folder(world, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["gate"]["decision"] in ("pass", "fail") and "gate: " in r.stdout
-    job = next((tmp_path / "out" / "pipeline").iterdir())
+    job = next((tmp_path / "out" / "pipeline").glob("cellpuzzles-retrain-*"))
     sft_folder = next(p.parent for p in job.glob("sft/**/cellpuzzles.json"))
     saved = json.loads((sft_folder / "cellpuzzles.json").read_text())
     assert saved["kind"] == "pretrained" and saved["genes_per_cell"] is None and saved["tokens_per_cell"] > 0

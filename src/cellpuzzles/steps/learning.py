@@ -119,7 +119,10 @@ def rl_step(puzzles_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
 
     out = Path(out_dir)
     rl_all = read_puzzles(Path(puzzles_dir) / "train.jsonl")
-    val, rl_set = rl_all[-opt.val_size:], rl_all[:-opt.val_size]  # validation held out from RL updates
+    k = min(opt.val_size, len(rl_all) // 4)  # validation held out from RL updates (a quarter at most)
+    val, rl_set = rl_all[len(rl_all) - k:], rl_all[:len(rl_all) - k]
+    if not rl_set:
+        raise CellPuzzlesError(f"rl: no training puzzles in {puzzles_dir}; raise train_per_n")
     with step_run(mlflow_uri, f"rl-{opt.algo}", asdict(opt)) as run_id:
         progress(f"rl: {opt.algo}, {opt.max_steps or 'default'} steps from the SFT model")
         log = MetricsLogger(f"rl_{opt.algo}")
