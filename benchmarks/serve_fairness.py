@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,33 +38,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import body, build_model, free_port, test_puzzles  # noqa: E402  (the same model and puzzles)
+from local_server import CellPuzzlesProcess  # noqa: E402
+from serve_load import body, build_model, test_puzzles  # noqa: E402  (the same model and puzzles)
 
 OFF = ["--no-interleave", "--max-instances", "1000000", "--max-prompt-tokens", "1000000000",
        "--request-timeout-s", "100000"]
 
 
-class Server:
-    def __init__(self, model: Path, args: list[str], log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "cellpuzzles.cli", "serve", "--model", str(model),
-                                      "--port", str(self.port), *args], stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=2):
-                    return
-            except (urllib.error.HTTPError, OSError):
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise SystemExit(f"server did not start:\n{log.read_text()[-2000:]}") from None
-                time.sleep(0.3)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
+def Server(model: Path, args: list[str], log: Path) -> CellPuzzlesProcess:
+    return CellPuzzlesProcess(["serve", "--model", str(model), *args], log)
 
 
 def send(url: str, data: bytes, timeout: float = 3600) -> tuple[int, float]:

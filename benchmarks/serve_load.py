@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,6 +25,9 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_server import CellPuzzlesProcess  # noqa: E402
 
 
 def build_model(root: Path):
@@ -67,35 +68,9 @@ def body(p, mode: str) -> bytes:
     return json.dumps({"instances": [inst]}).encode()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model: Path, batch: int, wait_ms: float, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cellpuzzles.cli.main", "serve", "--model", str(model), "--port", str(self.port),
-             "--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms)],
-            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/v2/models/cellpuzzles/ready", timeout=2):
-                    return
-            except (urllib.error.HTTPError, OSError):
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise SystemExit(f"server did not start:\n{log.read_text()[-2000:]}") from None
-                time.sleep(0.3)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
+def Server(model: Path, batch: int, wait_ms: float, log: Path) -> CellPuzzlesProcess:
+    return CellPuzzlesProcess(["serve", "--model", str(model), "--max-batch-size", str(batch), "--max-wait-ms",
+                               str(wait_ms)], log, ready="/v2/models/cellpuzzles/ready", timeout_s=180)
 
 
 def load(url: str, bodies: list[bytes], concurrency: int) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,8 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the vLLM venv and server launcher the tests use
 
-from helpers.net import free_port  # noqa: E402
 from helpers.vllm import VLLMServer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_server import CellPuzzlesProcess  # noqa: E402
 
 PREDICT = "/v1/models/cellpuzzles:predict"
 
@@ -65,30 +66,9 @@ def test_puzzles(root: Path):
                                             reasoning_fraction=0.5))[0]["test"]
 
 
-class Proc:
-    """`cellpuzzles ARGS --port P` until stopped."""
-
-    def __init__(self, args: list[str], log: Path, ready: str = "/v2/models/cellpuzzles/ready"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "CELLPUZZLES_API_TOKEN": "", "CELLPUZZLES_PREDICTOR_TOKEN": ""}
-        self.proc = subprocess.Popen([sys.executable, "-m", "cellpuzzles.cli", *args, "--port", str(self.port)],
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + ready, timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise SystemExit(f"{args[0]} did not start:\n{log.read_text()[-2000:]}") from None
-                time.sleep(0.3)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
+def Proc(args: list[str], log: Path, ready: str = "/v2/models/cellpuzzles/ready") -> CellPuzzlesProcess:
+    """`cellpuzzles ARGS --port P`, with no API tokens."""
+    return CellPuzzlesProcess(args, log, ready, env={"CELLPUZZLES_API_TOKEN": "", "CELLPUZZLES_PREDICTOR_TOKEN": ""})
 
 
 def load(url: str, bodies: list[bytes], concurrency: int) -> tuple[dict, list]:

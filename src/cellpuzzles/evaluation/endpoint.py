@@ -20,12 +20,9 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-from cellpuzzles.core import atomic
 from cellpuzzles.core.errors import CellPuzzlesError
-from cellpuzzles.evaluation.compare import score_puzzles
-from cellpuzzles.evaluation.evaluate import write_predictions
+from cellpuzzles.evaluation.evaluate import score_mode
 from cellpuzzles.inference.engine_request import GREEDY
 from cellpuzzles.inference.folder import PromptOptions
 from cellpuzzles.task.puzzle import Puzzle, format_completion
@@ -143,11 +140,4 @@ def evaluate_endpoint(opt: EndpointOptions, test: Sequence[Puzzle], out_dir: str
     """Every test puzzle through the service in each mode, scored like ``evaluate_model``;
     writes ``predictions_<name>_<mode>.jsonl`` and ``metrics_<name>_<mode>.json``."""
     served = {mode: served_completions(opt, test, mode, prompt) for mode in modes}  # all or nothing written
-    results: dict[str, dict] = {}
-    for mode, completions in served.items():
-        results[mode] = score_puzzles(test, completions, seed=seed)
-        if out_dir is not None:
-            out = Path(out_dir)
-            write_predictions(out / f"predictions_{name}_{mode}.jsonl", test, completions)
-            atomic.write_json(out / f"metrics_{name}_{mode}.json", results[mode])
-    return results
+    return {mode: score_mode(test, completions, out_dir, name, mode, seed) for mode, completions in served.items()}

@@ -116,9 +116,17 @@ def evaluate_model(
             completions = constrained_many(model, tok, shown, free, prompt.restated_genes)
         else:
             raise CellPuzzlesError(f"unknown decoding mode {mode!r}; use free or constrained")
-        results[mode] = score_puzzles(test, completions, seed=seed)
-        if out_dir is not None:
-            out = Path(out_dir)
-            write_predictions(out / f"predictions_{name}_{mode}.jsonl", test, completions)
-            atomic.write_json(out / f"metrics_{name}_{mode}.json", results[mode])
+        results[mode] = score_mode(test, completions, out_dir, name, mode, seed)
     return results
+
+
+def score_mode(test: Sequence[Puzzle], completions: Sequence[str], out_dir: str | os.PathLike | None, name: str,
+               mode: str, seed: int = 0) -> dict:
+    """Score one decoding mode's completions; with ``out_dir``, write ``predictions_<name>_<mode>.jsonl``
+    and ``metrics_<name>_<mode>.json`` (a local model and an endpoint write the same files)."""
+    result = score_puzzles(test, completions, seed=seed)
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_predictions(out / f"predictions_{name}_{mode}.jsonl", test, completions)
+        atomic.write_json(out / f"metrics_{name}_{mode}.json", result)
+    return result

@@ -18,6 +18,7 @@ import numpy as np
 
 from cellpuzzles.inference.budget import new_token_budget
 from cellpuzzles.inference.prompting import prompt_text
+from cellpuzzles.inference.slot_tails import common_len
 from cellpuzzles.task.puzzle import Puzzle, think_part
 
 
@@ -85,7 +86,7 @@ class PrefixCache:
 
     def _rewind(self, ids: Sequence[int]) -> int:
         """Drop cached tokens that ``ids`` does not share; keep at least one token of ``ids`` to run."""
-        keep = min(_common_len(self.ids, ids), len(ids) - 1)
+        keep = min(common_len(self.ids, ids), len(ids) - 1)
         if self.cache is not None and keep < len(self.ids):
             try:
                 self.cache.crop(keep - len(self.ids))  # negative: tokens to drop from the end
@@ -108,7 +109,7 @@ class PrefixCache:
         return torch.log_softmax(out.logits[0, -1].float(), -1)
 
     def can_fuse(self, ids: Sequence[int]) -> bool:
-        return self.cache is not None and len(ids) - _common_len(self.ids, ids) <= self.SHORT
+        return self.cache is not None and len(ids) - common_len(self.ids, ids) <= self.SHORT
 
     def branch(self, ids: Sequence[int], tails: list[list[int]], pad: int):
         """One forward pass of ``ids``' new tokens followed by each tail (one row per tail);
@@ -153,7 +154,7 @@ def slot_scores(model, tok, prefix: str, candidates: Sequence[str], state: Prefi
 
     p_ids, *full = tok([prefix, *(prefix + c for c in candidates)], add_special_tokens=False)["input_ids"]
     # tokens can merge across the boundary: share only the prefix every candidate keeps
-    common = min(_common_len(p_ids, f) for f in full)
+    common = min(common_len(p_ids, f) for f in full)
     common = max(1, min(common, len(p_ids)))
     state = state or PrefixCache(model)
     head = full[0][:common]
@@ -189,14 +190,6 @@ def slot_scores(model, tok, prefix: str, candidates: Sequence[str], state: Prefi
         scores[j] = s
     return scores
 
-
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def constrained(model, tok, puzzle: Puzzle, completion: str, restated_genes: int | None = None) -> tuple[str, np.ndarray]:
