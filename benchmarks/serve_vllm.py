@@ -31,39 +31,19 @@ from helpers.vllm import VLLMServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from local_server import CellPuzzlesProcess  # noqa: E402
+from serve_load import build_model as untrained_model  # noqa: E402
+from serve_load import test_puzzles  # noqa: E402
 
 PREDICT = "/v1/models/cellpuzzles:predict"
 
 
 def build_model(root: Path, steps: int):
-    from cellpuzzles.data.bundled import materialise
-    from cellpuzzles.data.cells import CellsOptions, build_cells
-    from cellpuzzles.data.sample import PuzzleOptions, make_splits
-    from cellpuzzles.distill.teachers.markers import MarkersTeacher
-    from cellpuzzles.distill.traces import DistillOptions, distill, read_traces
-    from cellpuzzles.inference.folder import PromptOptions
+    """serve_load.py's tiny model and test puzzles, after ``steps`` SFT steps on its traces."""
+    from cellpuzzles.distill.traces import read_traces
     from cellpuzzles.train.sft import SFTOptions, sft
-    from cellpuzzles.train.tiny import TinyConfig, build_tiny
 
-    cells = build_cells(materialise(root / "data"), CellsOptions(progress=False))
-    splits, _ = make_splits(cells, PuzzleOptions(n_min=3, n_max=8, train_per_n=40, test_per_n=20,
-                                                 reasoning_fraction=0.5))
-    distill(splits["reasoning"], MarkersTeacher(splits["train"] + splits["reasoning"]), DistillOptions(),
-            root / "traces.jsonl")
-    pairs = read_traces(root / "traces.jsonl")
-    init = build_tiny([p for p, _ in pairs], [t for _, t in pairs], root / "init", TinyConfig(),
-                      PromptOptions(genes_per_cell=6))
-    return sft(pairs, init, root / "model", SFTOptions(max_steps=steps)), splits["test"]
-
-
-def test_puzzles(root: Path):
-    from cellpuzzles.data.bundled import materialise
-    from cellpuzzles.data.cells import CellsOptions, build_cells
-    from cellpuzzles.data.sample import PuzzleOptions, make_splits
-
-    cells = build_cells(materialise(root / "data"), CellsOptions(progress=False))
-    return make_splits(cells, PuzzleOptions(n_min=3, n_max=8, train_per_n=40, test_per_n=20,
-                                            reasoning_fraction=0.5))[0]["test"]
+    init, test = untrained_model(root / "init")
+    return sft(read_traces(root / "init" / "traces.jsonl"), init, root / "model", SFTOptions(max_steps=steps)), test
 
 
 def Proc(args: list[str], log: Path, ready: str = "/v2/models/cellpuzzles/ready") -> CellPuzzlesProcess:
