@@ -251,8 +251,9 @@ def test_teacher_concurrency_and_timeouts_on_vllm(engine, tmp_path):
     assert 2 <= state["peak"] <= 3
 
     # 400 tokens whatever the model writes (vLLM's min_tokens, ignore_eos): far beyond 0.01 s
-    slow = _teacher(engine, tmp_path / "cache2", config=dict(timeout_s=0.01, max_tokens=400,
-                                                             extra_body={"min_tokens": 400, "ignore_eos": True}))
+    quick = openai.OpenAI(base_url=engine.vllm.base, api_key="EMPTY", timeout=0.01, max_retries=0)
+    slow = _teacher(engine, tmp_path / "cache2", client=quick,
+                    config=dict(timeout_s=0.01, max_tokens=400, extra_body={"min_tokens": 400, "ignore_eos": True}))
     (reply,) = slow.complete_many([(engine.test[-1], 0)])
     assert reply.text is None and reply.error.startswith("timeout after")
     assert not list((tmp_path / "cache2").glob("*/*.json"))  # nothing cached: a rerun asks again
