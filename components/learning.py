@@ -21,8 +21,10 @@ def distill(puzzle_set: Input[Dataset], teacher: str, teacher_base_url: str, tea
 
 
 @dsl.component(base_image=TRAIN_IMAGE)
-def sft(traces: Input[Dataset], base_model: str, options: dict, seed: int, mlflow_uri: str, model: Output[Model]) -> str:
-    """Supervised fine-tuning (TRL SFTTrainer) on the distilled traces; 'tiny' builds the default model."""
+def sft(traces: Input[Dataset], base_model: str, options: dict, seed: int, mlflow_uri: str, model: Output[Model],
+        start: Output[Model]) -> str:
+    """Supervised fine-tuning (TRL SFTTrainer) on the distilled traces; 'tiny' builds the default model
+    (its untrained start goes to ``start``; for a pretrained base, ``start`` names the base folder)."""
     import os
 
     from cellpuzzles.core.options import build
@@ -31,7 +33,7 @@ def sft(traces: Input[Dataset], base_model: str, options: dict, seed: int, mlflo
     from cellpuzzles.train.sft import SFTOptions
 
     opt = SFTStepOptions(model=base_model, seed=seed, sft=build(SFTOptions, options))
-    r = run_step("sft", sft_step, os.path.join(traces.path, "traces.jsonl"), model.path, opt, mlflow_uri)
+    r = run_step("sft", sft_step, os.path.join(traces.path, "traces.jsonl"), model.path, opt, mlflow_uri, start.path)
     return r["mlflow_run_id"]
 
 
@@ -61,4 +63,17 @@ def evaluate(model: Input[Model], puzzle_set: Input[Dataset], name: str, options
     r = run_step("evaluate", evaluate_step, model.path, puzzle_set.path, evaluation.path, name,
                  int(options["limit"]) if options.get("limit") is not None else None, seed, mlflow_uri)
     log_kfp_metrics(metrics, {f"{mode}_{k}": v for mode, m in r["metrics"].items() for k, v in m.items()})
+    return r["mlflow_run_id"]
+
+
+@dsl.component(base_image=TRAIN_IMAGE)
+def evaluate_start(start: Input[Model], puzzle_set: Input[Dataset], options: dict, seed: int, mlflow_uri: str,
+                   evaluation: Output[Artifact]) -> str:
+    """The untrained start (the tiny model's random init, or the pretrained base) on the same test
+    puzzles, constrained decoding only (cheap): what SFT and RL added. ``options`` as for evaluate."""
+    from cellpuzzles.steps.common import run_step
+    from cellpuzzles.steps.learning import evaluate_step, start_model
+
+    r = run_step("evaluate", evaluate_step, start_model(start.path), puzzle_set.path, evaluation.path, "start",
+                 int(options["limit"]) if options.get("limit") is not None else None, seed, mlflow_uri, ("constrained",))
     return r["mlflow_run_id"]

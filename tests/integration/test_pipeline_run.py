@@ -91,7 +91,9 @@ def test_run_ends_with_the_gate_decision_champion_and_manifest(runs, mlflow_serv
     assert (Path(uri.removeprefix("file://")) / "config.json").is_file()
     assert f"kubectl apply -f {s['manifest']}" in r.stdout
     # the recipe's question, answered in every run: the SFT model on the same puzzles, paired
-    assert set(s["models"]) == {"sft", "grpo"}
+    assert set(s["models"]) == {"start", "sft", "grpo"}
+    start = s["models"]["start"]  # the untrained start, cheaply: constrained only, the same test puzzles
+    assert set(start) == {"constrained"} and start["constrained"]["n"] == cons["n"] == s["models"]["sft"]["constrained"]["n"]
     d = s["rl_vs_sft"]["constrained"]
     assert d["after"] == pytest.approx(cons["batch_accuracy"], abs=1e-4)
     assert d["before"] == pytest.approx(s["models"]["sft"]["constrained"]["batch_accuracy"], abs=1e-4)

@@ -210,6 +210,11 @@ def test_the_pipeline_runs_end_to_end_with_a_pretrained_folder(world, tmp_path):
             cited = line.rpartition(": ")[2].split("; ")[0].split(", ")
             beyond += any(g in genes[6:] and g not in genes[:6] for g in cited)
     assert beyond > 0
+    # the untrained start is the base folder itself: named by the sft step, not copied, evaluated as is
+    pointer = json.loads(next(job.glob("sft/**/start/start.json")).read_text())
+    assert pointer == {"model": str(folder.resolve())} and not next(job.glob("sft/**/start")).joinpath("config.json").exists()
+    assert set(s["models"]) == {"start", "sft", "grpo"} and set(s["models"]["start"]) == {"constrained"}
+    assert s["models"]["start"]["constrained"]["n"] == s["models"]["sft"]["constrained"]["n"]
 
 
 def test_the_teacher_is_shown_what_the_student_sees(world):

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from cellpuzzles.core import atomic
 from cellpuzzles.core.errors import CellPuzzlesError
 from cellpuzzles.core.options import option
 from cellpuzzles.core.tracking import log_by_n, log_metrics, step_run
@@ -81,7 +82,10 @@ class SFTStepOptions:
     sft: SFTOptions = field(default_factory=SFTOptions)
 
 
-def sft_step(traces_file: str | Path, out_dir: str | Path, opt: SFTStepOptions, mlflow_uri: str = "") -> dict:
+def sft_step(traces_file: str | Path, out_dir: str | Path, opt: SFTStepOptions, mlflow_uri: str = "",
+             start_dir: str | Path | None = None) -> dict:
+    """SFT on the distilled traces. The tiny model is built (untrained) in ``start_dir``
+    (default: beside ``out_dir``), where the pipeline evaluates the untrained start."""
     import mlflow
 
     from cellpuzzles.distill.traces import read_traces
@@ -96,16 +100,28 @@ def sft_step(traces_file: str | Path, out_dir: str | Path, opt: SFTStepOptions, 
     with step_run(mlflow_uri, "sft", {"model": opt.model, "genes_per_cell": opt.genes_per_cell, **asdict(opt.sft)}) as run_id:
         if opt.model == "tiny":
             progress("sft: build the tiny model and its tokenizer")
-            init = build_tiny([p for p, _ in pairs], [t for _, t in pairs], out.parent / (out.name + ".init"),
+            init = build_tiny([p for p, _ in pairs], [t for _, t in pairs], start_dir or out.parent / (out.name + ".init"),
                               TinyConfig(seed=opt.seed), PromptOptions(genes_per_cell=opt.genes_per_cell))
         else:
             init = Path(opt.model)
+            if start_dir:  # the start is the base folder itself: name it, do not copy its weights
+                atomic.write_json(Path(start_dir) / START_POINTER, {"model": str(init.resolve())})
         progress(f"sft: {opt.sft.max_steps or 'default'} steps on {len(pairs)} traces")
         log = MetricsLogger("sft") if run_id else None
         path = sft(pairs, init, out, replace(opt.sft, seed=opt.seed), callbacks=[log] if log else [])
         if run_id and curves(log.history, ["loss", "eval_loss", "mean_token_accuracy"], out.parent / "sft_curves.png", "SFT"):
             mlflow.log_artifact(str(out.parent / "sft_curves.png"), "plots")
     return {"mlflow_run_id": run_id or "", "model": str(path)}
+
+
+START_POINTER = "start.json"
+
+
+def start_model(start_dir: str | Path) -> str:
+    """The model folder of an SFT step's untrained start: the folder itself (the tiny model built
+    there) or the pretrained base folder it names."""
+    pointer = Path(start_dir) / START_POINTER
+    return json.loads(pointer.read_text())["model"] if pointer.is_file() else str(start_dir)
 
 
 def rl_step(puzzles_dir: str | Path, model_dir: str | Path, out_dir: str | Path, opt, mlflow_uri: str = "") -> dict:
@@ -136,8 +152,9 @@ def rl_step(puzzles_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
 
 
 def evaluate_step(model_dir: str | Path, puzzles_dir: str | Path, out_dir: str | Path, name: str = "model",
-                  limit: int | None = None, seed: int = 0, mlflow_uri: str = "") -> dict:
-    """Free and constrained decoding on the test split → the evaluation record (evaluation_record.py)."""
+                  limit: int | None = None, seed: int = 0, mlflow_uri: str = "",
+                  modes: tuple[str, ...] = ("free", "constrained")) -> dict:
+    """Decoding (free and constrained by default) on the test split → the evaluation record (evaluation_record.py)."""
     import shutil
 
     import mlflow
@@ -151,10 +168,10 @@ def evaluate_step(model_dir: str | Path, puzzles_dir: str | Path, out_dir: str |
     pz, out = Path(puzzles_dir), Path(out_dir)
     test = stratified(read_puzzles(pz / "test.jsonl"), limit)  # every N, when limited
     with step_run(mlflow_uri, "evaluate", {"model": name, "limit": limit, "test_puzzles": len(test)}) as run_id:
-        progress(f"evaluate {name}: free and constrained decoding on {len(test)} test puzzles")
+        progress(f"evaluate {name}: {' and '.join(modes)} decoding on {len(test)} test puzzles")
         work = out.parent / (out.name + ".work")
         shutil.rmtree(work, ignore_errors=True)  # left by a killed attempt
-        res = evaluate_model(model_dir, test, work, name=name, seed=seed)
+        res = evaluate_model(model_dir, test, work, modes=modes, name=name, seed=seed)
         comps = {m: [read_predictions(work / f"predictions_{name}_{m}.jsonl")[p.puzzle_id] for p in test] for m in res}
         from cellpuzzles.evaluation.plots import accuracy_by_n, confusion
 
