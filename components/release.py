@@ -1,7 +1,7 @@
 """register, gate, deploy and the exit handler: the release steps (CPU image, never cached)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Markdown, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Model, Output
 
 from cellpuzzles.release.placement import CPU_IMAGE
 
@@ -39,13 +39,24 @@ def gate(model_name: str, version: str, min_batch_accuracy: float, min_format_ra
 
 @dsl.component(base_image=CPU_IMAGE)
 def deploy(model_name: str, version: str, namespace: str, storage_uri: str, artifact_store: str, apply: bool, gpus: int,
-           min_replicas: int, max_replicas: int, canary_percent: int, mlflow_uri: str, manifest: Output[Artifact]) -> str:
-    """Render the champion's InferenceService; apply it (and wait, rolling back on failure) when asked."""
+           min_replicas: int, max_replicas: int, canary_percent: int, mlflow_uri: str, puzzle_set: Input[Dataset],
+           verify: bool, verify_url: str, verify_sample: int, verify_tolerance: float, min_batch_accuracy: float,
+           manifest: Output[Artifact]) -> str:
+    """Render the champion's InferenceService; apply it (and wait, rolling back on failure) when asked.
+    With ``verify``, the new service (``verify_url``, else the applied InferenceService's own URL) is
+    evaluated on ``verify_sample`` test puzzles of ``puzzle_set`` before it is trusted, and rolled back
+    to 'previous' when below the gate's floor or answering differently from the registered evaluation."""
+    import os
+
+    from cellpuzzles.release.verify import VerifyOptions
     from cellpuzzles.steps.common import run_step
     from cellpuzzles.steps.release import deploy_step
 
+    check = VerifyOptions(url=verify_url or None, puzzles=os.path.join(puzzle_set.path, "test.jsonl"),
+                          sample=verify_sample, tolerance=verify_tolerance,
+                          min_batch_accuracy=min_batch_accuracy) if verify else None
     return run_step("deploy", deploy_step, model_name, version, namespace, storage_uri, artifact_store, apply, gpus,
-                    min_replicas, max_replicas, canary_percent, manifest.path, mlflow_uri)
+                    min_replicas, max_replicas, canary_percent, manifest.path, mlflow_uri, check)
 
 
 @dsl.component(base_image=CPU_IMAGE)

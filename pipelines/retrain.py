@@ -1,6 +1,6 @@
-"""The retraining pipeline: validate → puzzles → distill → sft → rl → evaluate → register →
-gate → deploy (only when the gate passes), with an exit handler that records the outcome
-in MLflow.
+"""The retraining pipeline: validate → puzzles → distill → sft → rl → evaluate (the untrained
+start, the SFT and the RL model on the same test puzzles) → register → gate → deploy (only when
+the gate passes), with an exit handler that records the outcome in MLflow.
 
 GPU placement is declared here, at the call site, by one helper (``on_gpu``); images and the
 node pool live in src/cellpuzzles/release/placement.py. Caching is off for evaluate, register, gate and
@@ -14,7 +14,7 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from cellpuzzles.components.data import puzzles, validate
-from cellpuzzles.components.learning import distill, evaluate, rl, sft
+from cellpuzzles.components.learning import distill, evaluate, evaluate_start, rl, sft
 from cellpuzzles.components.release import deploy, gate, record_status, register
 from cellpuzzles.core.options import defaults
 from cellpuzzles.data.options import PuzzleOptions
@@ -27,6 +27,7 @@ from cellpuzzles.release.placement import (
     TEACHER_SECRET,
 )
 from cellpuzzles.release.registry import DEFAULT_NAME
+from cellpuzzles.release.verify import VerifyOptions
 from cellpuzzles.steps.data import DataOptions
 from cellpuzzles.steps.learning import DistillStepOptions, SFTStepOptions
 from cellpuzzles.train.rl_common import RLOptions
@@ -35,6 +36,7 @@ PIPELINE_YAML = Path(__file__).with_name("retrain.yaml")
 # parameter defaults come from the options dataclasses (one definition each; tests/ compare them)
 DATA, PUZZLES, DISTILL = defaults(DataOptions), defaults(PuzzleOptions), defaults(DistillStepOptions)
 SFT_STEP, RL, GATE = defaults(SFTStepOptions), defaults(RLOptions), defaults(GateOptions)
+VERIFY = defaults(VerifyOptions)
 NAME = "cellpuzzles-retrain"
 
 
@@ -101,6 +103,13 @@ def retrain_pipeline(
     min_replicas: int = 1,
     max_replicas: int = 2,
     canary_percent: int = 0,
+    # verify the deployment before it takes traffic (release.verify): evaluate the service over HTTP on a
+    # stratified sample of the test puzzles; roll back to 'previous' below the gate's floor or when it
+    # answers differently from the registered evaluation on more than verify_tolerance of them
+    verify: bool = True,  # verify an applied InferenceService (its own URL), or verify_url when given
+    verify_url: str = "",  # the service to verify instead (e.g. a canary's URL); "": the applied one's
+    verify_sample: int = VERIFY["sample"],
+    verify_tolerance: float = VERIFY["tolerance"],
 ):
     job = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
     # the job name is a placeholder: a cache key would not see it
@@ -119,6 +128,9 @@ def retrain_pipeline(
         kubernetes.use_secret_as_env(ds, secret_name=name, secret_key_to_env=keys, optional=True)
         st = on_gpu(with_mlflow(sft(traces=ds.outputs["traces"], base_model=base_model, options=sft_options, seed=seed,
                                     mlflow_uri=mlflow_uri)))
+        # the untrained start on the same test puzzles, constrained only (cheap): what SFT and RL added
+        on_gpu(uncached(with_mlflow(evaluate_start(start=st.outputs["start"], puzzle_set=pz.outputs["puzzle_set"],
+                                                   options=eval_options, seed=seed, mlflow_uri=mlflow_uri))))
         rt = on_gpu(with_mlflow(rl(puzzle_set=pz.outputs["puzzle_set"], sft_model=st.outputs["model"], algo=rl_algo,
                                    options=rl_options, seed=seed, mlflow_uri=mlflow_uri)))
         ev = on_gpu(uncached(with_mlflow(evaluate(model=rt.outputs["model"], puzzle_set=pz.outputs["puzzle_set"],
@@ -140,7 +152,10 @@ def retrain_pipeline(
             uncached(with_mlflow(deploy(model_name=model_name, version=rg.output, namespace=kserve_namespace,
                                         storage_uri=storage_uri, artifact_store=artifact_store, apply=kserve_apply,
                                         gpus=serve_gpus, min_replicas=min_replicas, max_replicas=max_replicas,
-                                        canary_percent=canary_percent, mlflow_uri=mlflow_uri)))
+                                        canary_percent=canary_percent, mlflow_uri=mlflow_uri,
+                                        puzzle_set=pz.outputs["puzzle_set"], verify=verify, verify_url=verify_url,
+                                        verify_sample=verify_sample, verify_tolerance=verify_tolerance,
+                                        min_batch_accuracy=min_batch_accuracy)))
 
 
 def compile_pipeline(path: str | Path = PIPELINE_YAML) -> Path:

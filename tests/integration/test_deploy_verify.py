@@ -107,3 +107,91 @@ def test_cli_deploy_verify_is_one_line_and_writes_no_rollback_without_apply(rele
     assert "nothing was applied, so nothing was rolled back" in r.stderr and release["bad"].url in r.stderr
     r = run_cli("deploy", "--name", "ver", "--verify", release["good"].url, "--out", tmp_path / "y.yaml", env=env)
     assert r.returncode != 0 and "--verify-puzzles" in r.stderr and not (tmp_path / "y.yaml").exists()
+
+
+def _deploy_step(release, tmp_path, check, **kw):
+    """The pipeline's deploy step (steps/release.py), as components/release.py::deploy calls it, for 'ver' v2."""
+    from cellpuzzles.steps.release import deploy_step
+
+    return deploy_step("ver", "2", kw.pop("namespace", "serving"), "", "s3://bkt/ml", kw.pop("apply", False), 0, 1, 1, 0,
+                       str(tmp_path / "isvc.yaml"), release["tracking"], check, **kw)
+
+
+def test_the_pipeline_deploy_step_verifies_the_served_model_and_says_when_it_did_not(release, tmp_path):
+    from cellpuzzles.release.verify import VerifyOptions
+
+    puzzles = str(release["root"] / "test.jsonl")
+    # the registered weights, held to 2 in 8 as above (served near ties)
+    good = VerifyOptions(url=release["good"].url, puzzles=puzzles, sample=8, tolerance=0.25, min_batch_accuracy=0.0)
+    msg = _deploy_step(release, tmp_path, good)
+    assert msg.startswith(f"kubectl apply -f {tmp_path / 'isvc.yaml'}; {release['good'].url} verification on 8 test "
+                          "puzzles: "), msg
+    assert msg.endswith("; passed") and (tmp_path / "isvc.yaml").is_file()
+    # an evaluation limited to a stratified subset (the pipeline's eval_options limit) is verified on the
+    # split's puzzles it recorded: a split with one more puzzle than the record still matches its sha256
+    from dataclasses import replace
+
+    from cellpuzzles.evaluation.evaluate import read_predictions
+    from cellpuzzles.evaluation.record import read_evaluation
+    from cellpuzzles.release.verify import verify
+
+    split = [*release["test"], replace(release["test"][0], puzzle_id="not-evaluated")]
+    v = verify(good, split, read_evaluation(release["root"] / "eval"),
+               read_predictions(release["root"] / "eval" / "predictions_m_constrained.jsonl"))
+    assert v.n == 8 and v.passed, v.summary()
+    # nothing applied and no URL given: nothing to verify, and the message says so; verify=False likewise
+    msg = _deploy_step(release, tmp_path, VerifyOptions(puzzles=puzzles))
+    assert msg.endswith("; verification skipped: nothing was applied and no verify_url was given"), msg
+    assert _deploy_step(release, tmp_path, None).endswith("; verification skipped: turned off (verify=False)")
+
+
+def test_the_pipeline_deploy_step_fails_in_one_line_and_rolls_back_other_weights(release, tmp_path, capsys):
+    from cellpuzzles.core.errors import CellPuzzlesError
+    from cellpuzzles.release.deploy import DeployOptions, deploy
+    from cellpuzzles.release.verify import VerifyOptions
+    from cellpuzzles.steps.common import run_step
+
+    bad = VerifyOptions(url=release["bad"].url, puzzles=str(release["root"] / "test.jsonl"), sample=8)
+    with KubeStandIn() as kube:
+        kubeconfig = str(kube.kubeconfig(tmp_path / "kubeconfig"))
+        live = deploy(DeployOptions(name="ver", alias="previous", namespace="serving", artifact_store="s3://bkt/ml",
+                                    apply=True, kubeconfig=kubeconfig, timeout_s=1, poll_s=0.2, out=str(tmp_path / "v1.yaml")))
+        assert live.ready and live.version == "1"
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_step("deploy", lambda: _deploy_step(release, tmp_path, bad, apply=True,
+                                                    options={"kubeconfig": kubeconfig, "timeout_s": 1, "poll_s": 0.2}))
+        assert e.value.code != 0
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and err[0].startswith(f"error: deploy: {release['bad'].url} verification on 8 test puzzles")
+        assert "answered differently" in err[0]
+        assert err[0].endswith("rolled back serving/cellpuzzles to the previous version 1 (ready)"), err[0]
+        isvc = kube.objects[("serving", "cellpuzzles")]
+        assert isvc["metadata"]["labels"]["cellpuzzles.io/model-version"] == "1"
+        assert [m for m, _, _ in kube.requests if m in ("POST", "PATCH")] == ["POST", "PATCH", "PATCH"]
+        # applied with no verify_url: the InferenceService's own URL, which this stand-in does not report
+        # (KServe sets status.address.url / status.url; service_url below): not verified, so rolled back too
+        with pytest.raises(CellPuzzlesError, match="reports no URL .*rolled back serving/cellpuzzles to the previous "
+                                                   "version 1 \\(ready\\)"):
+            _deploy_step(release, tmp_path, VerifyOptions(puzzles=bad.puzzles), apply=True,
+                         options={"kubeconfig": kubeconfig, "timeout_s": 1, "poll_s": 0.2})
+        assert kube.objects[("serving", "cellpuzzles")]["metadata"]["labels"]["cellpuzzles.io/model-version"] == "1"
+
+
+def test_the_url_verified_is_the_ready_inference_services_own():
+    from cellpuzzles.release.deploy import service_url
+
+    class Client:  # KServeClient.get's answer: the InferenceService as a dict
+        def __init__(self, status):
+            self.status = status
+
+        def get(self, name, namespace=None):
+            if self.status is None:
+                raise RuntimeError("Exception when calling CustomObjectsApi->get_namespaced_custom_object: 404")
+            return {"metadata": {"name": name, "namespace": namespace}, "status": self.status}
+
+    local, public = "http://cellpuzzles.serving.svc.cluster.local", "http://cellpuzzles.serving.example.com"
+    assert service_url(Client({"url": public, "address": {"url": local}}), "serving", "cellpuzzles") == local
+    assert service_url(Client({"url": public}), "serving", "cellpuzzles") == public
+    assert service_url(Client({}), "serving", "cellpuzzles") is None
+    assert service_url(Client(None), "serving", "cellpuzzles") is None

@@ -10,6 +10,7 @@ from cellpuzzles.core.options import defaults
 from cellpuzzles.data.options import PuzzleOptions
 from cellpuzzles.pipelines.retrain import retrain_pipeline
 from cellpuzzles.release.gate import GateOptions
+from cellpuzzles.release.verify import VerifyOptions
 from cellpuzzles.serving.options import ServeOptions
 from cellpuzzles.steps.data import DataOptions
 from cellpuzzles.steps.learning import DistillStepOptions, SFTStepOptions
@@ -45,6 +46,7 @@ PIPE = {
     "rl_algo": (RLOptions, "algo"),
     "min_batch_accuracy": (GateOptions, "min_batch_accuracy"), "min_format_ratio": (GateOptions, "min_format_ratio"),
     "tolerance": (GateOptions, "tolerance"),
+    "verify_sample": (VerifyOptions, "sample"), "verify_tolerance": (VerifyOptions, "tolerance"),
 }
 
 

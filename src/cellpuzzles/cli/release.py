@@ -59,8 +59,8 @@ def cmd_deploy(a) -> int:
     from cellpuzzles.release.deploy import DeployOptions
     from cellpuzzles.release.verify import VerifyOptions, deploy_checked
 
-    check = VerifyOptions(url=a.verify, puzzles=a.verify_puzzles, sample=a.verify_sample,
-                          tolerance=a.verify_tolerance) if a.verify else None
+    given = {k: v for k, v in (("sample", a.verify_sample), ("tolerance", a.verify_tolerance)) if v is not None}
+    check = VerifyOptions(url=a.verify, puzzles=a.verify_puzzles, **given) if a.verify else None
     r = deploy_checked(check, DeployOptions(
         name=a.name, version=a.version, alias=a.alias, service=a.service, namespace=a.namespace, runtime=a.runtime,
         storage_uri=a.storage_uri, artifact_store=a.artifact_store, gpus=a.gpus, cpu=a.cpu, memory=a.memory,
@@ -135,9 +135,10 @@ def add_commands(sub) -> None:
                    help="evaluate the new service at URL (its V1 route) on test puzzles before trusting it; roll back "
                         "to 'previous' when below the gate's floor or disagreeing with the registered evaluation")
     p.add_argument("--verify-puzzles", default=None, help="the test split the version was evaluated on")
-    p.add_argument("--verify-sample", type=int, default=24, help="test puzzles sent, stratified by N (default 24)")
-    p.add_argument("--verify-tolerance", type=float, default=0.1,
-                   help="largest share of puzzles answered differently from the registered evaluation (default 0.1)")
+    # defaults: release.verify.VerifyOptions (the one definition; not imported here, it is slow to import)
+    p.add_argument("--verify-sample", type=int, default=None, help="test puzzles sent, stratified by N")
+    p.add_argument("--verify-tolerance", type=float, default=None,
+                   help="largest share of puzzles answered differently from the registered evaluation")
     p.add_argument("--service-account", default=None)
     p.add_argument("--out", default="inferenceservice.yaml")
     p.add_argument("--apply", action="store_true",

@@ -235,6 +235,19 @@ def apply_and_wait(kc, manifest: dict, timeout_s: float, poll_s: float = 10.0) -
     return True
 
 
+def service_url(kc, namespace: str, name: str) -> str | None:
+    """The URL of InferenceService ``namespace/name`` as KServe reports it once ready: the
+    cluster-local address (``status.address.url``, what a pipeline pod reaches), else
+    ``status.url``; the base of the V1 route ``{URL}/v1/models/cellpuzzles:predict`` (the
+    transformer's, in the vLLM topology). None when it reports neither."""
+    try:
+        obj = kc.get(name, namespace=namespace)
+    except RuntimeError:  # KServeClient wraps the API's errors
+        return None
+    status = (obj or {}).get("status") or {}
+    return ((status.get("address") or {}).get("url") or status.get("url") or None)
+
+
 def _render_version(o: DeployOptions, mv, storage_uri: str | None = None) -> tuple[str, dict, str]:
     """(storageUri, manifest, warning or "") of the InferenceService serving version ``mv``."""
     note = ""

@@ -11,13 +11,14 @@ It fails when
     completions compares the puzzle's reward): the service does not run the model that was
     evaluated (other weights, prompt options, tokenizer or decoding).
 
-``deploy`` rolls back to the ``previous`` version when verification fails.
+``deploy_checked`` rolls back an applied deployment to the ``previous`` version when
+verification fails. The pipeline's deploy step (steps/release.py::deploy_step) goes through it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cellpuzzles.core.errors import CellPuzzlesError
 from cellpuzzles.evaluation.compare import score_puzzles
@@ -31,7 +32,9 @@ from cellpuzzles.task.reward import batch_reward
 
 @dataclass
 class VerifyOptions:
-    url: str  # the new service's V1 route (cellpuzzles serve, or serve-transformer in front of vLLM)
+    # the new service's V1 route (cellpuzzles serve, or serve-transformer in front of vLLM); None: the
+    # applied InferenceService's own URL (deploy_checked reads it from the ready service)
+    url: str | None = None
     puzzles: str | None = None  # the test split the version was evaluated on (deploy_checked reads it)
     sample: int = 24  # test puzzles sent, stratified by N
     mode: str = "constrained"  # the served mode the gate decided on
@@ -78,6 +81,10 @@ def verify(opt: VerifyOptions, test: Sequence[Puzzle], record: dict,
         raise CellPuzzlesError(f"the registered evaluation has no '{opt.mode}' mode to verify against; "
                                "verify the mode it was evaluated in")
     if record.get("test_sha256") != puzzles_sha256(test):
+        # an evaluation limited to a stratified subset of the split (the pipeline's eval_options
+        # limit) recorded that subset: the split's puzzles it evaluated, in the split's order
+        test = [p for p in test if p.puzzle_id in mode["rewards"]]
+    if record.get("test_sha256") != puzzles_sha256(test):
         raise CellPuzzlesError("--verify-puzzles: not the test set the version was evaluated on (its sha256 differs); "
                                "pass that test.jsonl")
     sample = stratified(list(test), opt.sample)
@@ -120,11 +127,13 @@ def registered_completions(c, mv, mode: str) -> dict[str, str] | None:
 
 def deploy_checked(verification: VerifyOptions | None, options):
     """``release.deploy.deploy``, then, with ``verification``, the new service is evaluated before
-    it is trusted: when it fails, an applied deployment is rolled back to the ``previous``
-    version, and either way the deploy ends with one error line saying why."""
+    it is trusted (at ``verification.url``, or the applied InferenceService's own URL): when it
+    fails, an applied deployment is rolled back to the ``previous`` version, and either way the
+    deploy ends with one error line saying why. On success the verification's summary ends the
+    result's message."""
     import sys
 
-    from cellpuzzles.release.deploy import _render_version, apply_and_wait, deploy, kserve_client
+    from cellpuzzles.release.deploy import _render_version, apply_and_wait, deploy, kserve_client, service_url
     from cellpuzzles.release.registry import PREVIOUS, alias_version, client, read_version_evaluation, resolve_version
     from cellpuzzles.task.puzzle import read_puzzles
 
@@ -133,25 +142,41 @@ def deploy_checked(verification: VerifyOptions | None, options):
         if not verification.puzzles:
             raise CellPuzzlesError("--verify needs --verify-puzzles TEST.jsonl, the test split the version was "
                                    "evaluated on")
+        if not verification.url and not options.apply:
+            raise CellPuzzlesError("verification needs the service's URL: give it, or apply the deployment so "
+                                   "the InferenceService's own URL is verified")
         test = read_puzzles(verification.puzzles)
     result = deploy(options)
     if verification is None or (result.applied and not result.ready):
         return result
-    c = client(options.tracking_uri)
-    mv = resolve_version(c, options.name, result.version)
-    v = verify(verification, test, read_version_evaluation(c, mv), registered_completions(c, mv, verification.mode))
-    if v.passed:
-        print(v.summary(), file=sys.stderr)
-        result.message += f"; {v.summary()}"
-        return result
-    if not result.applied:
-        raise CellPuzzlesError(f"{verification.url} {v.summary()}; nothing was applied, so nothing was rolled back")
     o = options
-    prev = alias_version(c, o.name, PREVIOUS)
-    if not prev or prev == str(mv.version):
-        raise CellPuzzlesError(f"{verification.url} {v.summary()}; no 'previous' version to roll back to")
-    _, back, _ = _render_version(o, resolve_version(c, o.name, prev))
-    ok = apply_and_wait(kserve_client(o.kubeconfig), back, o.timeout_s, o.poll_s)
-    state = "ready" if ok else f"NOT ready within {o.timeout_s}s"
-    raise CellPuzzlesError(f"{verification.url} {v.summary()}; rolled back {o.namespace}/{o.service} to the previous "
-                           f"version {prev} ({state})")
+    c = client(o.tracking_uri)
+    mv = resolve_version(c, o.name, result.version)
+    url = verification.url or service_url(kserve_client(o.kubeconfig), o.namespace, o.service)
+
+    def fail(why: str):
+        if not result.applied:
+            raise CellPuzzlesError(f"{why}; nothing was applied, so nothing was rolled back")
+        prev = alias_version(c, o.name, PREVIOUS)
+        if not prev or prev == str(mv.version):
+            raise CellPuzzlesError(f"{why}; no 'previous' version to roll back to")
+        _, back, _ = _render_version(o, resolve_version(c, o.name, prev))
+        ok = apply_and_wait(kserve_client(o.kubeconfig), back, o.timeout_s, o.poll_s)
+        state = "ready" if ok else f"NOT ready within {o.timeout_s}s"
+        raise CellPuzzlesError(f"{why}; rolled back {o.namespace}/{o.service} to the previous version {prev} ({state})")
+
+    if not url:
+        fail(f"InferenceService {o.namespace}/{o.service} is ready but reports no URL (status.address.url, "
+             "status.url) to verify; give the verify URL")
+    try:
+        v = verify(replace(verification, url=url), test, read_version_evaluation(c, mv),
+                   registered_completions(c, mv, verification.mode))
+    except CellPuzzlesError as e:  # unreachable, or answering with errors: not verified either
+        if not result.applied:
+            raise
+        fail(f"{url} could not be verified: {e}")
+    if not v.passed:
+        fail(f"{url} {v.summary()}")
+    print(v.summary(), file=sys.stderr)
+    result.message += f"; {url} {v.summary()}"
+    return result

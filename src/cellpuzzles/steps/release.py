@@ -112,27 +112,47 @@ def record_status(mlflow_uri: str, job_name: str, state: str, error: str = "") -
 
 def deploy_step(model_name: str, version: str, namespace: str, storage_uri: str, artifact_store: str, apply: bool,
                 gpus: int, min_replicas: int, max_replicas: int, canary_percent: int, manifest_file: str,
-                mlflow_uri: str) -> str:
+                mlflow_uri: str, verification=None, options: dict | None = None) -> str:
     """Render (and with ``apply``, apply and wait for) the champion's InferenceService; returns
     the command to apply it, or what happened on the cluster.
+
+    ``verification`` (release.verify.VerifyOptions): before the deployment is trusted, evaluate it
+    over HTTP on a stratified sample of the test puzzles and compare with the registered
+    evaluation (release.verify.deploy_checked); failing, an applied deployment is rolled back to
+    ``previous`` and the step fails with one line. Its ``url`` is the service to evaluate (a
+    canary's, or a local server); None means the applied InferenceService's own URL, so with
+    nothing applied there is nothing to verify and the message says verification was skipped.
+    ``options``: other DeployOptions fields (e.g. kubeconfig, timeout_s, poll_s, runtime).
 
     A local MLflow store keeps the model under a file:// URI; KServe's storage initializer
     reads file:// only from a volume mounted at that path, so such a manifest is for
     inspection (a cluster pipeline logs to a server whose artifact store is s3:// or gs://)."""
     import mlflow
 
-    from cellpuzzles.release.deploy import DeployOptions, deploy
+    from cellpuzzles.core.options import build
+    from cellpuzzles.release.deploy import DeployOptions
+    from cellpuzzles.release.verify import deploy_checked
 
     connect_uri(mlflow_uri)
     if not storage_uri and not artifact_store:
         source = mlflow.MlflowClient().get_model_version(model_name, version).source
         if source.startswith("file://"):
             storage_uri = source
-    progress(f"deploy: InferenceService for {model_name} v{version}" + (" (applying)" if apply else ""))
-    r = deploy(DeployOptions(name=model_name, version=version, namespace=namespace, storage_uri=storage_uri or None,
-                             artifact_store=artifact_store or None,
-                             gpus=gpus, min_replicas=min_replicas, max_replicas=max(max_replicas, min_replicas),
-                             canary_traffic_percent=canary_percent or None, out=manifest_file, apply=apply,
-                             tracking_uri=mlflow_uri))
-    progress(f"deploy: manifest {r.out}; {r.message}")
-    return r.message
+    skipped = ""
+    if verification is None:
+        skipped = "verification skipped: turned off (verify=False)"
+    elif not verification.url and not apply:
+        skipped = "verification skipped: nothing was applied and no verify_url was given"
+        verification = None
+    progress(f"deploy: InferenceService for {model_name} v{version}" + (" (applying)" if apply else "")
+             + (f"; then verifying {verification.url or 'its URL'} on {verification.sample} test puzzles"
+                if verification else ""))
+    r = deploy_checked(verification, build(DeployOptions, options or {}, name=model_name, version=version,
+                                           namespace=namespace, storage_uri=storage_uri or None,
+                                           artifact_store=artifact_store or None, gpus=gpus, min_replicas=min_replicas,
+                                           max_replicas=max(max_replicas, min_replicas),
+                                           canary_traffic_percent=canary_percent or None, out=manifest_file,
+                                           apply=apply, tracking_uri=mlflow_uri))
+    message = r.message + (f"; {skipped}" if skipped else "")
+    progress(f"deploy: manifest {r.out}; {message}")
+    return message
