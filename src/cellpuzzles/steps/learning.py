@@ -197,5 +197,20 @@ def evaluate_step(model_dir: str | Path, puzzles_dir: str | Path, out_dir: str |
             for png in ("accuracy_by_n.png", "confusion.png"):
                 if (out / png).is_file():
                     mlflow.log_artifact(str(out / png), "plots")
+            import sys
+
+            from cellpuzzles.core.tracking import logged
+            from cellpuzzles.evaluation.genai import log_puzzle_rows, row_limit
+            from cellpuzzles.inference.folder import load_prompt_options
+
+            try:  # each test puzzle a row (prompt, completion, reward) in the run's Traces tab (evaluation/genai.py)
+                with logged("the per-puzzle GenAI rows"):
+                    row_mode = "constrained" if "constrained" in comps else next(iter(comps), "constrained")
+                    rows = log_puzzle_rows(name, test, comps, load_prompt_options(model_dir), row_mode, row_limit())
+                progress(f"evaluate {name}: {rows['rows']} of {len(test)} test puzzles ({row_mode}) as rows in the "
+                         "MLflow run's Traces tab")
+            except CellPuzzlesError as e:  # the metrics, tables and record above are logged: say what is missing
+                print(f"warning: evaluate {name}: per-puzzle rows not logged to MLflow ({e}); the metrics and the "
+                      "evaluation record are logged", file=sys.stderr, flush=True)
     return {"mlflow_run_id": run_id or "",
             "metrics": {m: {k: r[k] for k in ("batch_accuracy", "cell_accuracy", "format_ratio")} for m, r in res.items()}}
