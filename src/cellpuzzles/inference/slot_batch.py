@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cellpuzzles.inference.slot_tails import common_len, slot_tails
+from cellpuzzles.inference.slot_tails import common_len, encode_slot, slot_tails
 
 
 @dataclass
@@ -106,7 +106,8 @@ def fill_slots(model, tok, prompts: Sequence[list[int]], layouts: Sequence[Layou
     queued = [list(p) for p in prompts]  # ids to run before the next slot's trie
     lengths = [0] * B  # real tokens each row holds in the cache
     seen = torch.zeros((B, 0), dtype=torch.bool)  # which cache columns are real, per row
-    cuts = [(0, 0)] * B  # per row: (chars, ids) of a completion prefix encoded once for all
+    cuts = [(0, [], (0, 0))] * B  # per row: (chars, ids) of a completion prefix encoded once for all, the cut before
+    nexts = {}  # per row: the cut after each candidate
     cache = None
     act = list(range(B))  # the rows in the cache, in its order
     for i in range(max(lay.n for lay in layouts)):
@@ -121,7 +122,7 @@ def fill_slots(model, tok, prompts: Sequence[list[int]], layouts: Sequence[Layou
             lay, row = layouts[r], rows[r]
             text = row.text + lay.before(i)
             after = lay.before(i + 1) if i + 1 < lay.n else lay.closing([lay.candidates[j] for j in row.chosen] + ["?"])
-            head, tails[r] = _tails(tok, row, cuts, r, text, lay.candidates, after)
+            head, tails[r], nexts[r] = _tails(tok, cuts[r], text, lay.candidates, after)
             if head[: len(row.ids)] != row.ids:
                 raise RuntimeError(f"slot {i}: the canonical tokens of the text so far changed ({text[-60:]!r})")
             forced = head[len(row.ids):]
@@ -145,6 +146,7 @@ def fill_slots(model, tok, prompts: Sequence[list[int]], layouts: Sequence[Layou
             j = int(pick(row.scores[i], used, tails[r], steps))
             row.allowed += allowed_tokens(tails[r], used, j)
             row.chosen.append(j)
+            cuts[r] = nexts[r][j]
             row.text += lay.candidates[j]
             row.ids += tails[r][j]
             row.mask += [1] * len(tails[r][j])
@@ -162,24 +164,32 @@ def fill_slots(model, tok, prompts: Sequence[list[int]], layouts: Sequence[Layou
     return rows
 
 
-def _tails(tok, row: Filled, cuts: list, r: int, text: str, candidates: list[str], after: str):
-    """``slot_tails`` encoding only the text after the row's last line start (a newline: the
-    tokenizer starts a new piece after it), checked against the whole text for one candidate;
-    a row whose check fails is encoded whole from then on. Returns (head, tails)."""
-    chars, n = cuts[r] or (0, 0)
-    head, tails, ends = slot_tails(tok, text, candidates, after, chars)
-    head = row.ids[:n] + head
-    if chars:
-        whole = tok(text + candidates[0] + after, add_special_tokens=False)["input_ids"]
-        if whole[: len(head) + len(tails[0])] != head + tails[0]:
-            cuts[r] = None
-            head, tails, ends = slot_tails(tok, text, candidates, after)
-            return head, tails
-    if cuts[r] is not None:
-        line = text.rfind("\n") + 1
-        if line > chars and line in ends:
-            cuts[r] = (line, n + ends.index(line) + 1)
-    return head, tails
+def _tails(tok, cut, text: str, candidates: list[str], after: str):
+    """``slot_tails`` encoding only the text between two line starts (a newline then a non-space:
+    the tokenizer starts a new piece there): from ``cut`` = (chars, the ids of ``text[:chars]``,
+    the cut before it), the row's last one, through the first one in ``after``; checked for one
+    candidate against the encoding of the text from the cut before (itself checked so, back to
+    the completion's start). Returns (head, tails, per candidate the cut the next slot starts
+    from); a row whose check fails (cut None) is encoded whole from then on."""
+    if cut is None:
+        head, tails, _ = slot_tails(tok, text, candidates, after)
+        return head, tails, [None] * len(candidates)
+    chars, known, (back, n) = cut
+    stop = next((p for p in range(1, len(after)) if after[p - 1] == "\n" and not after[p].isspace()), len(after))
+    head, tails, ends, ids = encode_slot(tok, text, candidates, after[:stop], chars)
+    head = known + head
+    if chars or stop < len(after):
+        want = (head + tails[0])[n:]
+        if tok(text[back:] + candidates[0] + after, add_special_tokens=False)["input_ids"][: len(want)] != want:
+            head, tails, _ = slot_tails(tok, text, candidates, after)
+            return head, tails, [None] * len(candidates)
+    here = (chars, len(known))
+    if stop < len(after):  # the next slot's text is this one's, the candidate and after
+        return head, tails, [(len(text) + len(c) + stop, known + x, here) for c, x in zip(candidates, ids)]
+    line = text.rfind("\n") + 1
+    if line > chars and line in ends:
+        cut = (line, head[: len(known) + ends.index(line) + 1], here)
+    return head, tails, [cut] * len(candidates)
 
 
 def _prefill(model, seqs: list[list[int]], dev):
@@ -222,6 +232,48 @@ def _prefill(model, seqs: list[list[int]], dev):
     return DynamicCache(ddp_cache_data=layers, config=model.config), seen
 
 
+def _trie(tails: list[list[int]]):
+    """One row's candidate trie: each distinct proper prefix of a tail is a node, numbered as
+    first met (a parent before its children). Returns the nodes' last tokens, their depths
+    (1: a tail's first token), who sees whom among them (its ancestors and itself), and per
+    tail the logits column each token is predicted from (0: after the head, 1 + c: after node c)."""
+    root: dict = {}  # token -> (node, its children)
+    toks, depth, parent, cols = [], [], [], []
+    for t in tails:
+        at, level = [0], root
+        for k in range(1, len(t)):
+            if t[k - 1] not in level:
+                level[t[k - 1]] = (len(toks), {})
+                toks.append(t[k - 1])
+                depth.append(k)
+                parent.append(at[-1] - 1)
+            c, level = level[t[k - 1]]
+            at.append(1 + c)
+        cols.append(at)
+    sees = np.zeros((len(toks), len(toks)), dtype=bool)
+    for c, p in enumerate(parent):
+        if p >= 0:
+            sees[c] = sees[p]
+        sees[c, c] = True
+    return toks, depth, sees, cols
+
+
+def _additive(model, new, seen):
+    """The attention mask [rows, 1, queries, cache + new columns] as the model adds it to the
+    scores, made once for all layers (a boolean one is converted in every layer): 0 where a
+    query sees a column (the cache's columns ``seen``, then ``new``), else -inf for SDPA (what
+    it makes of a boolean mask: the same scores), the dtype's minimum for others."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    floor = float("-inf") if model.config._attn_implementation == "sdpa" else torch.finfo(dtype).min
+    (B, W), K = new.shape[:2], seen.shape[1]
+    mask = torch.full((B, W, K + W), floor, dtype=dtype)
+    mask[:, :, :K].masked_fill_(seen[:, None, :], 0)
+    mask[:, :, K:].masked_fill_(new, 0)
+    return mask[:, None].to(model.device)
+
+
 def _forward(model, cache, seen, lengths, queued, tails, pad, dev):
     """One pass: each row's queued ids (left-padded to a common width D) then its trie nodes
     (right-padded to T). Returns per row and candidate the log-probability of each tail token
@@ -231,57 +283,50 @@ def _forward(model, cache, seen, lengths, queued, tails, pad, dev):
 
     B = len(queued)
     D = max(1, max(len(q) for q in queued))
-    node_maps: list[dict[tuple, int]] = []
-    for r in range(B):
-        m: dict[tuple, int] = {}
-        for t in tails[r]:
-            for k in range(1, len(t)):
-                m.setdefault(tuple(t[:k]), len(m))
-        node_maps.append(m)
-    T = max((len(m) for m in node_maps), default=0)
-    K = seen.shape[1]
+    tries = [_trie(ts) for ts in tails]
+    T = max(len(tr[0]) for tr in tries)
     W = D + T
     ids = np.full((B, W), pad, dtype=np.int64)
     pos = np.zeros((B, W), dtype=np.int64)
     new = np.zeros((B, W, W), dtype=bool)  # who sees whom among this pass's columns
     tril = np.tril(np.ones((D, D), dtype=bool))
-    for r in range(B):
-        q = queued[r]
+    for r, (toks, depth, sees, _) in enumerate(tries):
+        q, n = queued[r], len(toks)
         a = D - len(q)
         ids[r, a:D] = q
         pos[r, a:D] = np.arange(lengths[r], lengths[r] + len(q))
         new[r, a:D, a:D] = tril[a:, a:]
-        base = lengths[r] + len(q)
-        for node, c in node_maps[r].items():
-            col = D + c
-            ids[r, col] = node[-1]
-            pos[r, col] = base + len(node) - 1
-            new[r, col, a:D] = True
-            for k in range(1, len(node) + 1):  # its ancestors and itself
-                new[r, col, D + node_maps[r][node[:k]]] = True
+        ids[r, D:D + n] = toks
+        pos[r, D:D + n] = np.asarray(depth, dtype=np.int64) + (lengths[r] + len(q) - 1)
+        new[r, D:D + n, a:D] = True  # a node sees the queued ids, its ancestors and itself
+        new[r, D:D + n, D:D + n] = sees
     new_seen = torch.from_numpy(new[np.arange(B), D - 1, :D].copy())  # the real queued columns
     new = torch.from_numpy(new)
-    allow = torch.cat([seen[:, None, :].expand(B, W, K), new], 2)
     # a padding query with nothing to see attends to itself (no NaN; its output is unused)
-    lonely = ~allow.any(-1)
-    allow[:, :, K:] |= torch.diag_embed(lonely)
-    if model.config._attn_implementation == "sdpa":
-        mask = allow[:, None]  # SDPA takes the boolean mask as it is (True: attend)
-    else:  # eager and others add the mask to the scores
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(allow.shape, dtype=dtype).masked_fill_(~allow, torch.finfo(dtype).min)[:, None]
-    with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids).to(dev), attention_mask=mask.to(dev),
-                    position_ids=torch.from_numpy(pos).to(dev), past_key_values=cache, use_cache=True,
-                    logits_to_keep=T + 1)
+    lonely = ~(seen.any(1)[:, None] | new.any(2))
+    mask = _additive(model, new | torch.diag_embed(lonely), seen)
+    # the output layer runs on the (row, logits column) pairs some tail token needs only
+    at = np.array([r * (T + 1) + c for r, tr in enumerate(tries) for cs in tr[3] for c in cs], dtype=np.int64)
+    cols, inv = np.unique(at, return_inverse=True)
+    cols = torch.from_numpy(cols).to(dev)
+    hook = model.get_output_embeddings().register_forward_pre_hook(
+        lambda _, args: (args[0].reshape(-1, args[0].shape[-1])[cols], *args[1:]))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.from_numpy(ids).to(dev), attention_mask=mask,
+                        position_ids=torch.from_numpy(pos).to(dev), past_key_values=cache, use_cache=True,
+                        logits_to_keep=T + 1)
+    finally:
+        hook.remove()
     cache = out.past_key_values
     if T:
         cache.crop(-T)  # drop the trie columns
-    # logits column 0 predicts after the last queued token, column 1 + c after trie node c
-    where = [(r, 0 if k == 0 else 1 + node_maps[r][tuple(t[:k])], t[k])
-             for r, ts in enumerate(tails) for t in ts for k in range(len(t))]
-    logp = torch.log_softmax(out.logits.float(), -1)
-    rr, cc, tt = (torch.tensor(x, device=dev) for x in zip(*where))
-    vals = iter(logp[rr, cc, tt].cpu().numpy().astype(np.float64))
-    steps = [[np.array([next(vals) for _ in t]) for t in ts] for ts in tails]
+    tt = torch.tensor([x for ts in tails for t in ts for x in t], device=dev)
+    logp = out.logits.float()
+    logp = torch.log_softmax(logp, -1, out=logp)[torch.from_numpy(inv).to(dev), tt]  # in place: one big array less
+    flat = np.split(logp.cpu().numpy().astype(np.float64), np.cumsum([len(t) for ts in tails for t in ts])[:-1])
+    steps, k = [], 0
+    for ts in tails:
+        steps.append(flat[k:k + len(ts)])
+        k += len(ts)
     return steps, cache, torch.cat([seen, new_seen], 1)

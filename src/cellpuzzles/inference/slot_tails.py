@@ -28,13 +28,18 @@ def slot_tails(tok, text: str, candidates: Sequence[str], after: str,
     """(head ids, tail ids per candidate, the head tokens' end offsets in ``text``) at the slot
     after ``text``; see the module docstring. With ``start`` only ``text[start:]`` is encoded (the
     caller knows the ids before it: ``start`` must be a point the tokenizer never merges across)."""
+    return encode_slot(tok, text, candidates, after, start)[:3]
+
+
+def encode_slot(tok, text: str, candidates: Sequence[str], after: str, start: int = 0):
+    """``slot_tails`` and, per candidate, the ids of the whole string encoded
+    (``text[start:] + candidate + after``)."""
     text, shift = text[start:], start
     enc = tok([text + c + after for c in candidates], add_special_tokens=False, return_offsets_mapping=True)
     ids, offs = enc["input_ids"], enc["offset_mapping"]
     # the head: tokens shared by all, ending inside the text
-    n = 0
-    while all(len(x) > n for x in ids) and all(x[n] == ids[0][n] for x in ids) and offs[0][n][1] <= len(text):
-        n += 1
+    n = min(common_len(ids[0], x) for x in ids)
+    n = next((k for k in range(n) if offs[0][k][1] > len(text)), n)
     ends = [len(text) + len(c) for c in candidates]
 
     def through(j: int, last_char: int) -> list[int]:  # tail tokens starting before last_char
@@ -50,7 +55,7 @@ def slot_tails(tok, text: str, candidates: Sequence[str], after: str,
     if not all(tails) or not _prefix_free(tails):
         raise ValueError(f"slot after {text[-40:]!r}: candidates {list(candidates)} do not tokenize to distinct "
                          "token paths")
-    return ids[0][:n], tails, [shift + e for _, e in offs[0][:n]]
+    return ids[0][:n], tails, [shift + e for _, e in offs[0][:n]], ids
 
 
 def _prefix_free(tails: list[list[int]]) -> bool:
