@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cellpuzzles.inference import gqa_attention
 from cellpuzzles.inference.slot_tails import common_len, encode_slot, slot_tails
 
 
@@ -94,10 +95,15 @@ def allowed_tokens(tails: list[list[int]], used: set, chosen: int) -> list[list[
 
 def fill_slots(model, tok, prompts: Sequence[list[int]], layouts: Sequence[Layout], pick=None) -> list[Filled]:
     """Write every puzzle's slots, slot i of all puzzles in one forward pass (module docstring).
-    ``prompts``: each puzzle's prompt token ids (the completion's ids follow them)."""
+    ``prompts``: each puzzle's prompt token ids (the completion's ids follow them). The passes
+    share the key/value heads under their masks (``gqa_attention``) where the model allows."""
+    with gqa_attention.gqa_sdpa(model):
+        return _fill_slots(model, tok, prompts, layouts, pick or best_unused)
+
+
+def _fill_slots(model, tok, prompts, layouts, pick) -> list[Filled]:
     import torch
 
-    pick = pick or best_unused
     model.eval()
     B = len(layouts)
     dev = model.device
@@ -195,8 +201,9 @@ def _tails(tok, cut, text: str, candidates: list[str], after: str):
 def _prefill(model, seqs: list[list[int]], dev):
     """The KV cache of each sequence, stacked into one cache left-padded to the longest; returns
     it and the real-column mask. The prefix all sequences share (the chat template and the
-    system message) runs once; each distinct sequence's own rest then runs alone on a copy of
-    its cache (no padding: the model's own causal path)."""
+    system message) runs once; the distinct sequences' own rests then run on it in groups of
+    similar lengths (``_similar``), right-padded: a real token never sees the padding after it,
+    whose columns are dropped."""
     import torch
     from transformers import DynamicCache
 
@@ -205,21 +212,25 @@ def _prefill(model, seqs: list[list[int]], dev):
     for s in seqs[1:]:
         shared = min(shared, common_len(seqs[0], s))
     shared = min(shared, min(len(s) for s in seqs) - 1)  # every row keeps a token of its own to run
-    per_row = []
+    rests = sorted({tuple(s[shared:]) for s in seqs}, key=len)  # a sequence seen twice (GRPO's group) runs once
+    done: dict[tuple, list] = {}
     with torch.no_grad():
         head = None
         if shared > 0:
             out = model(input_ids=torch.tensor([seqs[0][:shared]], device=dev), use_cache=True, logits_to_keep=1)
             head = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        done: dict[tuple, list] = {}  # a sequence seen before (GRPO's group) runs once
-        for s in seqs:
-            if tuple(s) not in done:
-                past = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in head], config=model.config) \
-                    if head else None
-                out = model(input_ids=torch.tensor([s[shared:]], device=dev), past_key_values=past, use_cache=True,
-                            logits_to_keep=1)
-                done[tuple(s)] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-            per_row.append(done[tuple(s)])
+        for group in _similar(rests):
+            n = len(group[-1])
+            ids = torch.tensor([list(r) + [r[-1]] * (n - len(r)) for r in group], device=dev)
+            past = DynamicCache(ddp_cache_data=[(k.expand(len(group), -1, -1, -1), v.expand(len(group), -1, -1, -1))
+                                                for k, v in head], config=model.config) if head else None
+            causal = torch.ones((1, n, shared + n), dtype=torch.bool).tril(shared)  # the same for every row
+            out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1,
+                        attention_mask=_additive(model, causal[:, :, shared:], causal[:, 0, :shared]))
+            for b, r in enumerate(group):
+                done[r] = [(layer.keys[b:b + 1, :, :shared + len(r)], layer.values[b:b + 1, :, :shared + len(r)])
+                           for layer in out.past_key_values.layers]
+    per_row = [done[tuple(s[shared:])] for s in seqs]
 
     def padded(x, n):  # [1, heads, n, dim] -> [1, heads, width, dim], zeros on the left
         return torch.cat([x.new_zeros(x.shape[0], x.shape[1], width - n, x.shape[3]), x], 2) if n < width else x
@@ -230,6 +241,19 @@ def _prefill(model, seqs: list[list[int]], dev):
     for r, s in enumerate(seqs):
         seen[r, width - len(s):] = True
     return DynamicCache(ddp_cache_data=layers, config=model.config), seen
+
+
+def _similar(rests: list[tuple], slack: float = 1.15) -> list[list[tuple]]:
+    """``rests`` (sorted by length) in runs of similar lengths: a run padded to its longest
+    holds at most ``slack`` times its real tokens."""
+    groups: list[list[tuple]] = []
+    for r in rests:
+        g = groups[-1] if groups else None
+        if g is not None and (len(g) + 1) * len(r) <= slack * (sum(map(len, g)) + len(r)):
+            g.append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def _trie(tails: list[list[int]]):
@@ -266,7 +290,8 @@ def _additive(model, new, seen):
     import torch
 
     dtype = next(model.parameters()).dtype
-    floor = float("-inf") if model.config._attn_implementation == "sdpa" else torch.finfo(dtype).min
+    floor = float("-inf") if model.config._attn_implementation in ("sdpa", gqa_attention.NAME) \
+        else torch.finfo(dtype).min
     (B, W), K = new.shape[:2], seen.shape[1]
     mask = torch.full((B, W, K + W), floor, dtype=dtype)
     mask[:, :, :K].masked_fill_(seen[:, None, :], 0)
