@@ -32,7 +32,7 @@ class SFTOptions:
     # None: the model kind's value (train/presets.py: tiny's tuned values, Cell-o1's for a pretrained model)
     max_steps: int | None = option(None, "optimizer steps; -1: one epoch (default: tiny 900, pretrained one epoch)",
                                    flag="--steps")
-    learning_rate: float | None = option(None, "peak learning rate (default: tiny 5e-3, pretrained 5e-5)", flag="--lr")
+    learning_rate: float | None = option(None, "peak learning rate (default: tiny 1e-3, pretrained 5e-5)", flag="--lr")
     batch_size: int | None = option(None, "sequences per step per device (default: tiny 16, pretrained 6)")
     grad_accum: int | None = option(None, "gradient accumulation steps (default: tiny 1, pretrained 16)")
     warmup_ratio: float = 0.05
