@@ -15,6 +15,7 @@ back to bytes instead of ``<|unk|>``, so ``decode(encode(text)) == text`` for an
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 
 from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
@@ -33,7 +34,7 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
 )
-BYTES = pre_tokenizers.ByteLevel.alphabet()
+BYTES = sorted(pre_tokenizers.ByteLevel.alphabet())  # a set: sorted, so the byte ids are the same in every process
 
 
 def word_pieces(texts: Iterable[str], cell_types: Iterable[str], genes: Iterable[str] = ()) -> list[str]:
@@ -45,9 +46,13 @@ def word_pieces(texts: Iterable[str], cell_types: Iterable[str], genes: Iterable
     tok.add_tokens([AddedToken(p, normalized=False) for p in phrases])
     trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIALS), min_frequency=1, show_progress=False)
     seed = [*DELIMITER_PIECES, "system", "user", "assistant", "Context", *(f"Cell {k}" for k in range(1, MAX_CELLS + 1))]
-    tok.train_from_iterator([*texts, "\n".join(seed), *(f"{g}\n" for g in genes)], trainer=trainer)
+    corpus = [*texts, "\n".join(seed), *(f"{g}\n" for g in sorted(set(genes)))]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    # the trainer orders pieces by frequency but breaks ties differently from process to process, so
+    # the order is counted here and ties go alphabetically: the same ids (and initial weights) in every run
+    counts = Counter(i for enc in tok.encode_batch(corpus) for i in enc.ids)
     vocab = tok.get_vocab(with_added_tokens=True)
-    return [p for p in sorted(vocab, key=vocab.__getitem__) if p not in SPECIALS]
+    return sorted((p for p in vocab if p not in SPECIALS), key=lambda p: (-counts[vocab[p]], p))
 
 
 def _decodes_verbatim(piece: str) -> bool:
