@@ -248,9 +248,77 @@ def test_teacher_concurrency_on_vllm(engine, tmp_path):
     assert all(r.text or r.error == "empty completion" for r in replies)
     assert 2 <= state["peak"] <= 3
 
-    # (timeouts: a 0.01 s client timeout against this server passed on the dev machine but not in two
-    # fresh-clone CI runs, where the reply still arrived; the timeout path is tested against the
-    # stand-in that hangs, tests/integration/test_openai_teacher.py::test_hang_beyond_timeout_is_retried_then_an_error)
+
+def test_teacher_timeout_on_vllm(engine, tmp_path):
+    """A reply slower than the teacher's timeout: the engine is made slow on purpose (a reply of
+    `n` tokens it may not end early: vLLM's `min_tokens` and `ignore_eos`), its time measured
+    first, then asked again with an eighth of that as the timeout and one retry. The puzzle gets
+    one "timeout" error after exactly two requests reached the engine, nothing is cached for it,
+    and a rerun with a long enough timeout answers it.
+
+    On a 2-core machine vLLM's CPU engine can starve every other process for a whole reply
+    (measured: a plain `openai` client in its own process, timeout 0.31 s, got the 2.49 s reply
+    in one of four tries; a 10 ms ticker thread ticked once in 0.98 s): a client that never
+    runs between its deadline and the reply cannot time out. A ticker thread here shows whether
+    this process ran during the call; a try in which it did not is repeated (up to 3), and the
+    test fails if none could run."""
+    from unittest import mock
+
+    from cellpuzzles.inference.folder import load_tokenizer
+
+    tok = load_tokenizer(engine.folder)
+    p = min(engine.test, key=lambda q: q.n)
+    text = tok.apply_chat_template(p.messages(), tokenize=False, add_generation_prompt=True)  # what the teacher sends
+    n = 2048 - len(tok(text, add_special_tokens=False)["input_ids"]) - 8  # the longest reply max_model_len allows
+    slow = dict(max_tokens=n, extra_body={"min_tokens": n, "ignore_eos": True})
+    measure = _teacher(engine, tmp_path / "measure", config=slow)
+    measure.complete_many([(p, 0)])  # warm: client, connection, the engine's prefix cache
+    t0 = time.monotonic()
+    [full] = measure.complete_many([(p, 1)])  # another seed: not cached, the same forced length
+    took = time.monotonic() - t0
+    assert full.error is None and full.completion_tokens == n, (full.error, full.completion_tokens, n)
+
+    timeout, tries = took / 8, []
+    t = _teacher(engine, tmp_path / "cache", config={**slow, "timeout_s": timeout, "max_retries": 1})
+    http = t._client._client  # the teacher's own HTTP client (its timeout and retries), requests counted
+    send = type(http).send
+    for attempt in range(3):
+        sent, gaps, done = [], [], threading.Event()
+
+        def counted(self, request, **kw):
+            sent.append(request.url.path)
+            return send(self, request, **kw)
+
+        def tick():
+            last = time.monotonic()
+            while not done.wait(0.01):
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+            gaps.append(time.monotonic() - last)
+
+        ticker = threading.Thread(target=tick)
+        ticker.start()
+        with mock.patch.object(type(http), "send", counted):
+            t0 = time.monotonic()
+            [r] = t.complete_many([(p, attempt)])
+            waited = time.monotonic() - t0
+        done.set()
+        ticker.join()
+        tries.append((r.error, round(waited, 2), round(max(gaps), 2)))
+        if r.error is None:  # the reply arrived: only because this process did not run in time
+            assert max(gaps) > timeout, (tries, took)
+            continue
+        assert r.text is None and r.error.startswith("timeout"), (tries, took)
+        assert sent == ["/v1/chat/completions"] * 2  # the first try and one retry, each cut off
+        # each try cut off before its reply (a starved client wakes late, so no tighter bound holds here)
+        assert waited < 2 * took + 1, (tries, took)
+        assert not t.cache_path(t.cache_key(p, attempt)).exists()  # a timeout is not an answer: not cached
+        [again] = _teacher(engine, tmp_path / "cache", config=slow).complete_many([(p, attempt)])
+        assert again.error is None and again.completion_tokens == n and not again.cached
+        break
+    else:
+        pytest.fail(f"the client never ran before the reply in 3 tries (error, waited s, longest gap s): {tries}")
 
 
 # -- evaluate a deployed model over HTTP
