@@ -30,13 +30,6 @@ def run_parts(run: Path) -> dict:
             "test": pipe / "puzzles" / "puzzle_set" / "test.jsonl", "summary": summary}
 
 
-def constrained(summary: dict, name: str) -> float:
-    models = {**summary.get("baselines", {}), **summary.get("models", {})}
-    row = models[name]
-    row = row.get("constrained", row)
-    return float(row["batch_accuracy"])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", nargs="+", required=True, type=Path, help="output folders of `cellpuzzles run`")
@@ -47,6 +40,7 @@ def main(argv=None) -> int:
 
     from cellpuzzles.distill.traces import read_traces
     from cellpuzzles.evaluation.evaluate import evaluate_model
+    from cellpuzzles.pipelines.report import batch_accuracy
     from cellpuzzles.task.puzzle import read_puzzles
     from cellpuzzles.train.sft import SFTOptions, sft
 
@@ -56,7 +50,7 @@ def main(argv=None) -> int:
     for run in a.run:
         parts = run_parts(run)
         seed = int(parts["summary"]["seed"])
-        base, ceiling = constrained(parts["summary"], "sft"), constrained(parts["summary"], "ceiling_top6")
+        base, ceiling = batch_accuracy(parts["summary"], "sft"), batch_accuracy(parts["summary"], "ceiling_top6")
         base_all.append(base)
         ceil_all.append(ceiling)
         pairs, test = read_traces(parts["traces"]), read_puzzles(parts["test"])

@@ -48,6 +48,12 @@ def results_markdown(summary: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+def batch_accuracy(summary: dict, name: str, mode: str = "constrained") -> float | None:
+    """A run's batch accuracy for a baseline (``name``) or a model in ``mode``; None if absent."""
+    m = summary.get("baselines", {}).get(name) or summary.get("models", {}).get(name, {}).get(mode)
+    return m["batch_accuracy"] if m else None
+
+
 def seeds_markdown(summaries: list[tuple[str, dict]], mode: str = "constrained") -> str:
     """Batch accuracy per run (one column per seed) for the baselines and every model in
     ``mode``, with the spread (min–max) and RL minus SFT per run: what varies with the seed."""
@@ -56,13 +62,7 @@ def seeds_markdown(summaries: list[tuple[str, dict]], mode: str = "constrained")
     names = list(dict.fromkeys([f"{b} (baseline)" for _, s in summaries for b in s.get("baselines", {})]
                                + [m for _, s in summaries for m in s.get("models", {})]))
     for name in names:
-        vals = []
-        for _, s in summaries:
-            if name.endswith(" (baseline)"):
-                m = s.get("baselines", {}).get(name.removesuffix(" (baseline)"))
-            else:
-                m = s.get("models", {}).get(name, {}).get(mode)
-            vals.append(m["batch_accuracy"] if m else None)
+        vals = [batch_accuracy(s, name.removesuffix(" (baseline)"), mode) for _, s in summaries]
         shown = [f"{v:.3f}" if v is not None else "—" for v in vals]
         present = [v for v in vals if v is not None]
         spread = f"{min(present):.3f}–{max(present):.3f}" if present else "—"
