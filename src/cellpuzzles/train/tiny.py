@@ -21,6 +21,8 @@ class TinyConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 2048
     marker_init: bool = True  # initialise gene/type embeddings from the training split's marker statistics
+    marker_norm: float = 0.5  # mean norm of the marker-initialised embedding rows (marker_init)
+    attention_dropout: float = 0.0  # dropout on attention weights while training (measured: docs/results.md)
     seed: int = 0
 
 
@@ -43,23 +45,23 @@ def build_tiny(puzzles: list[Puzzle], traces: list[str], out_dir: str | os.PathL
         vocab_size=len(tok), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
         intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, use_cache=True,
+        attention_dropout=cfg.attention_dropout, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
     )
     model = Qwen2ForCausalLM(mcfg)
     if cfg.marker_init:
-        marker_init(model, tok, shown)
+        marker_init(model, tok, shown, cfg.marker_norm)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return save(model, tok, out_dir, prompt)
 
 
-def marker_init(model, tok, puzzles: list[Puzzle], norm: float = 0.5) -> None:
+def marker_init(model, tok, puzzles: list[Puzzle], norm: float) -> None:
     """Put the training split's marker evidence into the embeddings: with W the
     types x genes log-odds of a gene being in a type's top genes (centred over types) and
     W ~= U S V^T, type tokens start at U sqrt(S) and gene tokens at V sqrt(S) in the first
-    r dimensions, so a hidden state that averages a cell's gene embeddings already scores
-    the candidate types (tied embeddings). Attention to the right cell then pays off from
+    r dimensions (rows scaled to mean norm ``norm``), so a hidden state that averages a
+    cell's gene embeddings already scores the candidate types (tied embeddings). Attention to the right cell then pays off from
     the first step, instead of waiting for gene->type associations learned from scratch."""
     import numpy as np
     import torch
