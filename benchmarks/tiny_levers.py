@@ -43,25 +43,23 @@ def run_parts(run: Path) -> dict:
 
 def parse_variant(text: str) -> tuple[dict, dict, int | None]:
     """``key=value,...`` split into (SFTOptions changes, TinyConfig changes, genes per cell or
-    None), values typed by the field."""
+    None); values read as JSON (numbers, booleans) by the project's own KEY=VALUE parser."""
+    from cellpuzzles.core.options import parse_key_value
     from cellpuzzles.train.sft import SFTOptions
     from cellpuzzles.train.tiny import TinyConfig
 
-    kinds = {f.name: ("sft", f.type) for f in fields(SFTOptions)} | {f.name: ("tiny", f.type) for f in fields(TinyConfig)}
-    kinds[GENES] = ("genes", "int")
+    sft_names, tiny_names = {f.name for f in fields(SFTOptions)}, {f.name for f in fields(TinyConfig)}
     sft_kw, tiny_kw, genes = {}, {}, None
     for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in kinds or key == "seed":
-            raise SystemExit(f"--variant {text}: {key!r} is not an SFTOptions or TinyConfig field or {GENES} (key=value)")
-        where, ftype = kinds[key]
-        typed = value.lower() in ("1", "true", "yes") if "bool" in str(ftype) else \
-            int(value) if "int" in str(ftype) and "float" not in str(ftype) else \
-            float(value) if "float" in str(ftype) else value
-        if where == "genes":
-            genes = typed
+        key, value = parse_key_value(item, "--variant", "max_steps=600", json_values=True)
+        if key == GENES:
+            genes = int(value)
+        elif key in sft_names - {"seed"}:
+            sft_kw[key] = value
+        elif key in tiny_names - {"seed"}:
+            tiny_kw[key] = value
         else:
-            (sft_kw if where == "sft" else tiny_kw)[key] = typed
+            raise SystemExit(f"--variant {text}: {key!r} is not an SFTOptions or TinyConfig field or {GENES}")
     return sft_kw, tiny_kw, genes
 
 
@@ -74,6 +72,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from cellpuzzles.core.options import build
     from cellpuzzles.distill.traces import read_traces
     from cellpuzzles.evaluation.evaluate import evaluate_model, load_split_dir
     from cellpuzzles.evaluation.peers import ceiling_completions, ceiling_name
@@ -109,8 +108,8 @@ def main(argv=None) -> int:
                                  n_boot=0)["batch_accuracy"]
                 if tiny_kw or genes is not None:
                     start = build_tiny([p for p, _ in used], [t for _, t in used], Path(d) / "start",
-                                       TinyConfig(**tiny_kw, seed=seed), prompt)
-                out = sft(used, start, Path(d) / "sft", SFTOptions(**sft_kw, seed=seed))
+                                       build(TinyConfig, tiny_kw, seed=seed), prompt)
+                out = sft(used, start, Path(d) / "sft", build(SFTOptions, sft_kw, seed=seed))
                 r = evaluate_model(out, test, modes=("constrained",), seed=seed)["constrained"]
             table[name].append(r["batch_accuracy"])
             ratio = f"{r['batch_accuracy'] / base:.2f}x the default's" if base else "default scored 0"
