@@ -11,7 +11,11 @@ variant that changes only SFT options starts from the run's own untrained start
 (`sft/start`); one that changes the model's build rebuilds the start from the same traces and
 seed; ``genes_per_cell=K`` first distills new traces from the run's puzzles as the pipeline's
 distill step does for a student shown K genes (``distill_step``), then builds the start with
-K genes per cell. One line per run and variant, then the mean over runs.
+K genes per cell; ``augment_top=K`` adds, to the run's traces, the traces the same teacher
+distills from one copy of each reasoning puzzle in which every cell lists 6 of its top K genes
+(drawn at random, order kept; the teacher then cites what the copy shows), and rebuilds the
+start so the new genes are in its vocabulary. One line per run and variant, then the mean over
+runs.
 
 Choosing a default on seeds whose test puzzles are printed here is tuning on those seeds'
 test sets: pick on some seeds, confirm on others (the closing note says which).
@@ -29,7 +33,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-GENES = "genes_per_cell"
+GENES, AUGMENT = "genes_per_cell", "augment_top"
 
 
 def run_parts(run: Path) -> dict:
@@ -41,26 +45,52 @@ def run_parts(run: Path) -> dict:
             "summary": summary}
 
 
-def parse_variant(text: str) -> tuple[dict, dict, int | None]:
-    """``key=value,...`` split into (SFTOptions changes, TinyConfig changes, genes per cell or
-    None); values read as JSON (numbers, booleans) by the project's own KEY=VALUE parser."""
+def parse_variant(text: str) -> tuple[dict, dict, dict]:
+    """``key=value,...`` split into (SFTOptions changes, TinyConfig changes, data changes:
+    genes per cell and/or augment_top); values read as JSON (numbers, booleans) by the
+    project's own KEY=VALUE parser."""
     from cellpuzzles.core.options import parse_key_value
     from cellpuzzles.train.sft import SFTOptions
     from cellpuzzles.train.tiny import TinyConfig
 
     sft_names, tiny_names = {f.name for f in fields(SFTOptions)}, {f.name for f in fields(TinyConfig)}
-    sft_kw, tiny_kw, genes = {}, {}, None
+    sft_kw, tiny_kw, data_kw = {}, {}, {}
     for item in filter(None, text.split(",")):
         key, value = parse_key_value(item, "--variant", "max_steps=600", json_values=True)
-        if key == GENES:
-            genes = int(value)
+        if key in (GENES, AUGMENT):
+            data_kw[key] = int(value)
         elif key in sft_names - {"seed"}:
             sft_kw[key] = value
         elif key in tiny_names - {"seed"}:
             tiny_kw[key] = value
         else:
-            raise SystemExit(f"--variant {text}: {key!r} is not an SFTOptions or TinyConfig field or {GENES}")
-    return sft_kw, tiny_kw, genes
+            raise SystemExit(f"--variant {text}: {key!r} is not an SFTOptions or TinyConfig field, {GENES} or {AUGMENT}")
+    return sft_kw, tiny_kw, data_kw
+
+
+def augmented_traces(puzzles_dir: Path, top: int, shown: int, seed: int, work: Path) -> list:
+    """The teacher's traces of one copy of each reasoning puzzle in which every cell lists
+    ``shown`` of its first ``top`` genes (a random draw, order kept), then the rest."""
+    import random
+    import shutil
+
+    from cellpuzzles.distill.traces import read_traces
+    from cellpuzzles.steps.learning import DistillStepOptions, distill_step
+    from cellpuzzles.task.puzzle import read_puzzles, write_puzzles
+
+    rng = random.Random(seed)
+
+    def draw(genes: list[str]) -> list[str]:
+        keep = sorted(rng.sample(range(min(top, len(genes))), min(shown, len(genes))))
+        return [genes[i] for i in keep] + [g for i, g in enumerate(genes) if i not in keep]
+
+    copies = [replace(p, genes=[draw(g) for g in p.genes], puzzle_id="")
+              for p in read_puzzles(puzzles_dir / "reasoning.jsonl")]
+    (work / "puzzles").mkdir(parents=True)
+    write_puzzles(work / "puzzles" / "reasoning.jsonl", copies)
+    shutil.copy(puzzles_dir / "train.jsonl", work / "puzzles" / "train.jsonl")  # the teacher's statistics, unchanged
+    distill_step(work / "puzzles", work / "distill", DistillStepOptions(visible_genes=shown))
+    return read_traces(work / "distill" / "traces.jsonl")
 
 
 def main(argv=None) -> int:
@@ -96,8 +126,9 @@ def main(argv=None) -> int:
         ceil_all.append(ceiling)
         pairs, test = read_traces(parts["traces"]), read_puzzles(parts["test"])
         print(f"{run}: seed {seed}, default SFT {base:.3f}, {ceiling_name(shown)} {ceiling:.3f}", flush=True)
-        for name, sft_kw, tiny_kw, genes in variants:
+        for name, sft_kw, tiny_kw, data_kw in variants:
             t0 = time.perf_counter()
+            genes = data_kw.get(GENES)
             with tempfile.TemporaryDirectory() as d:
                 start, prompt, used, ceil = parts["start"], load_prompt_options(parts["start"]), pairs, ceiling
                 if genes is not None:  # the pipeline's traces for a student shown that many genes
@@ -106,7 +137,10 @@ def main(argv=None) -> int:
                     train, _ = load_split_dir(parts["puzzles"])
                     ceil = score(ceiling_completions(train, test, genes), [p.answer_text for p in test],
                                  n_boot=0)["batch_accuracy"]
-                if tiny_kw or genes is not None:
+                if AUGMENT in data_kw:
+                    used = used + augmented_traces(parts["puzzles"], data_kw[AUGMENT], genes or shown, seed,
+                                                   Path(d) / "augment")
+                if tiny_kw or data_kw:
                     start = build_tiny([p for p, _ in used], [t for _, t in used], Path(d) / "start",
                                        build(TinyConfig, tiny_kw, seed=seed), prompt)
                 out = sft(used, start, Path(d) / "sft", build(SFTOptions, sft_kw, seed=seed))
