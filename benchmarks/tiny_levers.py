@@ -78,6 +78,8 @@ def augmented_traces(puzzles_dir: Path, top: int, shown: int, seed: int, work: P
     from cellpuzzles.steps.learning import DistillStepOptions, distill_step
     from cellpuzzles.task.puzzle import read_puzzles, write_puzzles
 
+    if top < shown:
+        raise SystemExit(f"--variant {AUGMENT}={top}: draw from at least the {shown} genes the model is shown")
     rng = random.Random(seed)
 
     def draw(genes: list[str]) -> list[str]:
