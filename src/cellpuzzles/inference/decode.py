@@ -104,8 +104,8 @@ class PrefixCache:
         keep = self._rewind(ids)
         new = torch.tensor([list(ids[keep:])], device=self.model.device)
         with torch.no_grad():
-            out = self.model(input_ids=new, past_key_values=self.cache, use_cache=True)
-        self.cache, self.ids, self.branched = out.past_key_values, list(ids), None
+            out = self.model(input_ids=new, cache=self.cache, use_cache=True)
+        self.cache, self.ids, self.branched = out.cache, list(ids), None
         return torch.log_softmax(out.logits[0, -1].float(), -1)
 
     def can_fuse(self, ids: Sequence[int]) -> bool:
@@ -127,7 +127,7 @@ class PrefixCache:
         rows = torch.tensor([delta + t + [pad] * (width - len(t)) for t in tails], device=self.model.device)
         mask = torch.ones((len(tails), keep + len(delta) + width), dtype=torch.long, device=self.model.device)
         with torch.no_grad():
-            logits = self.model(input_ids=rows, past_key_values=cache, attention_mask=mask, use_cache=True).logits
+            logits = self.model(input_ids=rows, cache=cache, attention_mask=mask, use_cache=True).logits
         self.branched = (cache, list(ids), tails, width)
         return torch.log_softmax(logits.float(), -1), len(delta)
 
@@ -178,7 +178,7 @@ def slot_scores(model, tok, prefix: str, candidates: Sequence[str], state: Prefi
         cache.batch_repeat_interleave(len(candidates))
         mask = torch.ones((len(candidates), common + width), dtype=torch.long, device=model.device)
         with torch.no_grad():
-            logits = model(input_ids=ids, past_key_values=cache, attention_mask=mask, use_cache=True).logits.float()
+            logits = model(input_ids=ids, cache=cache, attention_mask=mask, use_cache=True).logits.float()
         logp, d = torch.log_softmax(logits, -1), 0
     scores = np.zeros(len(candidates))
     for j, t in enumerate(tails):

@@ -218,18 +218,18 @@ def _prefill(model, seqs: list[list[int]], dev):
         head = None
         if shared > 0:
             out = model(input_ids=torch.tensor([seqs[0][:shared]], device=dev), use_cache=True, logits_to_keep=1)
-            head = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            head = [(layer.keys, layer.values) for layer in out.cache.layers]
         for group in _similar(rests):
             n = len(group[-1])
             ids = torch.tensor([list(r) + [r[-1]] * (n - len(r)) for r in group], device=dev)
             past = DynamicCache(ddp_cache_data=[(k.expand(len(group), -1, -1, -1), v.expand(len(group), -1, -1, -1))
                                                 for k, v in head], config=model.config) if head else None
             causal = torch.ones((1, n, shared + n), dtype=torch.bool).tril(shared)  # the same for every row
-            out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1,
+            out = model(input_ids=ids, cache=past, use_cache=True, logits_to_keep=1,
                         attention_mask=_additive(model, causal[:, :, shared:], causal[:, 0, :shared]))
             for b, r in enumerate(group):
                 done[r] = [(layer.keys[b:b + 1, :, :shared + len(r)], layer.values[b:b + 1, :, :shared + len(r)])
-                           for layer in out.past_key_values.layers]
+                           for layer in out.cache.layers]
     per_row = [done[tuple(s[shared:])] for s in seqs]
 
     def padded(x, n):  # [1, heads, n, dim] -> [1, heads, width, dim], zeros on the left
@@ -339,11 +339,11 @@ def _forward(model, cache, seen, lengths, queued, tails, pad, dev):
     try:
         with torch.no_grad():
             out = model(input_ids=torch.from_numpy(ids).to(dev), attention_mask=mask,
-                        position_ids=torch.from_numpy(pos).to(dev), past_key_values=cache, use_cache=True,
+                        position_ids=torch.from_numpy(pos).to(dev), cache=cache, use_cache=True,
                         logits_to_keep=T + 1)
     finally:
         hook.remove()
-    cache = out.past_key_values
+    cache = out.cache
     if T:
         cache.crop(-T)  # drop the trie columns
     tt = torch.tensor([x for ts in tails for t in ts for x in t], device=dev)
